@@ -1,0 +1,186 @@
+"""The DEQ layer: solve z* = f(z*) without a graph, then attach a gradient.
+
+    deq = DEQ(solver="broyden", backward="implicit")
+    z_star, stats = deq(f, z0)   # f closes over the input injection and the parameters
+
+Backward modes (registry `BACKWARDS`):
+- `implicit`: one differentiable application z = f(z*), followed by an identity node whose
+  backward solves the adjoint fixed point g = J^T g + dL/dz (J = df/dz at z*) with a backward
+  solver. The graph of that one application is the only graph kept; its VJPs are reused, never
+  recomputed.
+- `phantom`: k damped steps z <- (1 - tau) z + tau f(z) from z* with grad; k=1, tau=1 is
+  Jacobian-free backprop.
+- `unrolled`: autograd through plain fixed-point iterations from z0 (the reference; memory O(k)).
+  Differentiating through Broyden's or Anderson's own updates is not what anyone means by the
+  reference, so `unrolled` always iterates z <- f(z), up to max_iter or tol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from models.solvers import (
+    Function,
+    SolverStats,
+    _Tracker,
+    check_options,
+    check_solver,
+    check_stop_mode,
+    solve,
+)
+from models.stats import ModelStats
+
+
+class DEQ:
+    """A configured equilibrium solve with a chosen gradient; holds no parameters."""
+
+    def __init__(
+        self,
+        solver: str = "broyden",
+        backward: str = "implicit",
+        max_iter: int = 30,
+        tol: float = 1e-4,
+        stop_mode: str = "rel",
+        b_solver: str | None = None,
+        b_max_iter: int = 40,
+        b_tol: float = 1e-6,
+        phantom_steps: int = 1,
+        phantom_tau: float = 1.0,
+        solver_options: dict[str, float] | None = None,
+        b_solver_options: dict[str, float] | None = None,
+    ) -> None:
+        self.solver = check_solver(solver)
+        self.b_solver = check_solver(b_solver or solver)
+        if backward not in BACKWARDS:
+            raise ValueError(f"unknown backward {backward!r}; valid: {', '.join(sorted(BACKWARDS))}")
+        self.backward = backward
+        self.stop_mode = check_stop_mode(stop_mode)
+        for name, value in (("max_iter", max_iter), ("b_max_iter", b_max_iter), ("phantom_steps", phantom_steps)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < phantom_tau <= 1.0:
+            raise ValueError(f"phantom_tau must be in (0, 1], got {phantom_tau}")
+        self.max_iter, self.tol = max_iter, tol
+        self.b_max_iter, self.b_tol = b_max_iter, b_tol
+        self.phantom_steps, self.phantom_tau = phantom_steps, phantom_tau
+        self.solver_options = check_options(self.solver, solver_options)
+        self.b_solver_options = check_options(
+            self.b_solver, b_solver_options if b_solver_options is not None
+            else (solver_options if self.b_solver == self.solver else None)
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DEQ(solver={self.solver!r}, backward={self.backward!r}, max_iter={self.max_iter}, "
+            f"tol={self.tol}, stop_mode={self.stop_mode!r}, b_solver={self.b_solver!r}, "
+            f"b_max_iter={self.b_max_iter}, b_tol={self.b_tol})"
+        )
+
+    def solve_forward(self, f: Function, z0: Tensor) -> tuple[Tensor, SolverStats]:
+        return solve(
+            f, z0.detach(), solver=self.solver, max_iter=self.max_iter, tol=self.tol,
+            stop_mode=self.stop_mode, **self.solver_options,
+        )
+
+    def __call__(self, f: Function, z0: Tensor) -> tuple[Tensor, ModelStats]:
+        stats = ModelStats()
+        if torch.is_grad_enabled() and self.backward == "unrolled":
+            return _unrolled(self, f, z0, stats)
+        z_star, forward = self.solve_forward(f, z0)
+        stats.forward = forward
+        stats.nfe_forward = forward.nfe
+        stats.residual_forward = forward.residual
+        stats.solver_workspace_bytes = forward.workspace_bytes
+        if not torch.is_grad_enabled():
+            return z_star, stats
+        return BACKWARDS[self.backward](self, f, z_star, stats)
+
+
+class _AdjointSolve(torch.autograd.Function):
+    """Identity forward; backward replaces dL/dz by the solution g of g = J^T g + dL/dz.
+
+    J^T g is a VJP through the saved graph of z_out = f(z_in), with retain_graph so the outer
+    backward can go through the same graph afterwards. Being an autograd node (not a tensor hook
+    closing over z_out) it forms no reference cycle: the graph dies with the step."""
+
+    @staticmethod
+    def forward(ctx, z_out: Tensor, z_in: Tensor, deq: DEQ, stats: ModelStats) -> Tensor:
+        ctx.save_for_backward(z_out)
+        ctx.z_in, ctx.deq, ctx.stats = z_in, deq, stats
+        return z_out.view_as(z_out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (z_out,) = ctx.saved_tensors
+        z_in, deq, stats = ctx.z_in, ctx.deq, ctx.stats
+
+        def adjoint(g: Tensor) -> Tensor:  # g -> J^T g + dL/dz
+            (vjp,) = torch.autograd.grad(z_out, z_in, g, retain_graph=True)
+            return vjp.add_(grad)
+
+        g, backward = solve(
+            adjoint, grad, solver=deq.b_solver, max_iter=deq.b_max_iter, tol=deq.b_tol,
+            stop_mode=deq.stop_mode, **deq.b_solver_options,
+        )
+        stats.backward = backward
+        stats.nfe_backward = backward.nfe
+        stats.residual_backward = backward.residual
+        stats.solver_workspace_bytes = max(stats.solver_workspace_bytes, backward.workspace_bytes)
+        return g, None, None, None
+
+
+def _implicit(deq: DEQ, f: Function, z_star: Tensor, stats: ModelStats) -> tuple[Tensor, ModelStats]:
+    z_in = z_star.detach().requires_grad_()
+    z_out = f(z_in)  # the one application whose graph backward uses
+    if not z_out.requires_grad:
+        return z_out, stats
+    # The outer backward also accumulates a gradient into this helper leaf; drop it at once.
+    z_in.register_post_accumulate_grad_hook(_drop_grad)
+    return _AdjointSolve.apply(z_out, z_in, deq, stats), stats
+
+
+def _drop_grad(t: Tensor) -> None:
+    t.grad = None
+
+
+def _phantom(deq: DEQ, f: Function, z_star: Tensor, stats: ModelStats) -> tuple[Tensor, ModelStats]:
+    z, tau = z_star.detach(), deq.phantom_tau
+    for _ in range(deq.phantom_steps):
+        z = f(z) if tau == 1.0 else torch.lerp(z, f(z), tau)
+    stats.nfe_backward = deq.phantom_steps
+    return z, stats
+
+
+def _unrolled(deq: DEQ, f: Function, z0: Tensor, stats: ModelStats) -> tuple[Tensor, ModelStats]:
+    z = z0
+    flat = z0.reshape(z0.shape[0], -1)
+    track = _Tracker(flat.detach(), deq.tol, deq.stop_mode)
+    for _ in range(deq.max_iter):
+        fz = f(z)
+        with torch.no_grad():
+            stop = track.update(z.detach().reshape(flat.shape), fz.detach().reshape(flat.shape),
+                                (fz - z).detach().reshape(flat.shape))
+        z = fz
+        if stop:
+            break
+    _, forward = track.finish("fixed_point", z0.shape, 0)
+    stats.forward = forward
+    stats.nfe_forward = stats.nfe_backward = forward.nfe
+    stats.residual_forward = forward.residual
+    return z, stats
+
+
+BACKWARDS: dict[str, Callable[..., tuple[Tensor, ModelStats]]] = {
+    "implicit": _implicit,
+    "phantom": _phantom,
+}
+
+
+def register_backward(name: str, fn: Callable[..., tuple[Tensor, ModelStats]]) -> None:
+    BACKWARDS[name] = fn
+
+
+register_backward("unrolled", _unrolled)
