@@ -183,8 +183,8 @@ def anderson(
     A[:, 1:, 0] = 1.0
     rhs = torch.zeros(batch, m + 1, 1, dtype=torch.float64, device=z.device)
     rhs[:, 0] = 1.0
-    ridge_diag = torch.ones(m + 1, dtype=torch.float64, device=z.device)
-    ridge_diag[0] = 0.0
+    ridge = torch.eye(m + 1, dtype=torch.float64, device=z.device)
+    ridge[0, 0] = 0.0
     for k in range(max_iter):
         fz = f_flat(z)
         g = fz - z
@@ -193,7 +193,8 @@ def anderson(
         slot, n = k % m, min(k + 1, m)
         F[:, slot] = fz
         G[:, slot] = g
-        gram_row = torch.bmm(G[:, :n], g.unsqueeze(2)).squeeze(2).double()  # (B, n)
+        # <g, g_i> for the window; as (1, D) x (D, n) it is one cheap GEMM per sample.
+        gram_row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1).double()  # (B, n)
         A[:, 1 + slot, 1 : n + 1] = gram_row
         A[:, 1 : n + 1, 1 + slot] = gram_row
         if n == 1:
@@ -201,7 +202,7 @@ def anderson(
             continue
         system = A[:, : n + 1, : n + 1]
         scale = torch.diagonal(system, dim1=1, dim2=2)[:, 1:].mean(1) + 1e-300  # (B,)
-        system = system + (lam * scale)[:, None, None] * torch.diag(ridge_diag[: n + 1])
+        system = system + (lam * scale)[:, None, None] * ridge[: n + 1, : n + 1]
         alpha = torch.linalg.solve(system, rhs[:, : n + 1])[:, 1:, 0].to(z.dtype)  # (B, n)
         alpha = alpha.unsqueeze(1)  # (B, 1, n)
         # z_next = sum_i alpha_i (z_i + beta g_i) = alpha F - (1 - beta) alpha G
