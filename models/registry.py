@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,10 +46,13 @@ _loaded = False
 
 
 def _load_families() -> None:
+    """Import the built-in families, then any plugin modules named (comma-separated) in
+    $DEQBENCH_PLUGINS: a user's own models register the same way and reach worker processes."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for module in FAMILY_MODULES:
+        plugins = [m.strip() for m in os.environ.get("DEQBENCH_PLUGINS", "").split(",") if m.strip()]
+        for module in [*FAMILY_MODULES, *plugins]:
             importlib.import_module(module)
 
 

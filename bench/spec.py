@@ -1,0 +1,261 @@
+"""Cases and matrices: what a benchmark run measures.
+
+A case is one model at one shape and phase. A matrix (TOML) lists axes whose values multiply out:
+
+    name = "quick"
+    description = "..."
+    [settings]                 # how cases run (see RunSettings)
+    repeats = 5
+    [defaults]                 # axis values shared by every sweep
+    size = "debug"
+    phase = ["train", "eval"]
+    [[sweep]]                  # one product of axes; a matrix may hold several
+    family = ["transformer", "trellisnet"]
+    variant = ["deq", "tied", "ckpt"]
+    seq_len = [32, 128]
+    depth = [4, 16]
+
+`model = [...]` may replace family x variant. DEQs have no depth and explicit models no solver or
+backward, so those axes do not multiply the cases they don't apply to. Untied explicit baselines
+are parameter-matched to their family's DEQ unless `settings.match_params = false`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", "batch", "size",
+        "mode", "phase")
+PHASES = ("train", "eval")
+MODES = ("core", "lm")
+
+
+class SpecError(ValueError):
+    """A matrix or case that cannot run; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    model: str
+    family: str
+    variant: str
+    size: str = "debug"
+    mode: str = "core"
+    phase: str = "train"
+    seq_len: int
+    batch: int
+    depth: int | None = None  # explicit models only
+    solver: str | None = None  # DEQs only
+    backward: str | None = None  # DEQs only
+    overrides: tuple[tuple[str, Any], ...] = ()  # model config overrides, e.g. parameter matching
+
+    @property
+    def is_deq(self) -> bool:
+        return self.variant == "deq"
+
+    @property
+    def case_id(self) -> str:
+        parts = [self.model, self.size, self.mode, self.phase, f"T{self.seq_len}", f"B{self.batch}"]
+        parts += [self.solver or "", self.backward or ""] if self.is_deq else [f"L{self.depth}"]
+        parts += [f"{k}={v}" for k, v in self.overrides]
+        return "/".join(p for p in parts if p)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for models.build_model beyond name, size and mode."""
+        kwargs: dict[str, Any] = dict(self.overrides)
+        if self.is_deq:
+            kwargs.update(solver=self.solver, backward=self.backward)
+        else:
+            kwargs["depth"] = self.depth
+        return kwargs
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    warmup: int = 1  # steps before any measurement (also materialises optimizer state)
+    repeats: int = 5  # timed steps per case
+    timeout_s: float = 300.0  # per case, from the worker receiving it to its row
+    match_params: bool = True  # size untied baselines to their DEQ's non-embedding parameters
+    instruments: tuple[str, ...] = ()  # empty: every instrument the device allows
+    dtype: str = "float32"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str
+    description: str
+    cases: tuple[Case, ...]
+    settings: RunSettings = field(default_factory=RunSettings)
+    source: str = ""
+    notes: tuple[str, ...] = ()  # e.g. family x variant combinations that do not exist
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name: str) -> Matrix:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise SpecError(f"unknown preset {name!r}; valid presets: {', '.join(list_presets())}")
+    return load_matrix(path)
+
+
+def load_matrix(path: str | Path) -> Matrix:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"cannot read matrix file {path}: {err.strerror or err}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"matrix file {path} does not parse as TOML: {err}") from None
+    return parse_matrix(data, source=str(path), default_name=path.stem)
+
+
+def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = "matrix") -> Matrix:
+    where = source or "matrix"
+    _no_unknown(data, ("name", "description", "settings", "defaults", "sweep"), where)
+    settings = _settings(data.get("settings", {}), where)
+    defaults = data.get("defaults", {})
+    _no_unknown(defaults, AXES, f"{where} [defaults]")
+    sweeps = data.get("sweep", [])
+    if isinstance(sweeps, Mapping):
+        sweeps = [sweeps]
+    if not sweeps:
+        raise SpecError(f"{where} has no [[sweep]] table: nothing to run")
+    cases: list[Case] = []
+    notes: list[str] = []
+    for i, sweep in enumerate(sweeps):
+        _no_unknown(sweep, AXES, f"{where} [[sweep]] #{i + 1}")
+        axes = {**defaults, **sweep}
+        cases += _expand(axes, settings, f"{where} [[sweep]] #{i + 1}", notes)
+    unique = tuple(dict.fromkeys(cases))  # keep order, drop repeats across sweeps
+    if not unique:
+        raise SpecError(f"{where} expands to no cases")
+    return Matrix(
+        name=str(data.get("name", default_name)), description=str(data.get("description", "")),
+        cases=unique, settings=settings, source=source, notes=tuple(dict.fromkeys(notes)),
+    )
+
+
+def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
+    fields = {f.name: f for f in dataclasses.fields(RunSettings)}
+    _no_unknown(raw, tuple(fields), f"{where} [settings]")
+    values = dict(raw)
+    if "instruments" in values:
+        values["instruments"] = tuple(_as_list(values["instruments"]))
+    for key in ("warmup", "repeats", "seed"):
+        if key in values and (not isinstance(values[key], int) or values[key] < (1 if key == "repeats" else 0)):
+            raise SpecError(f"{where} [settings] {key} must be a {'positive' if key == 'repeats' else 'non-negative'} integer, got {values[key]!r}")
+    if "timeout_s" in values and (not isinstance(values["timeout_s"], (int, float)) or values["timeout_s"] <= 0):
+        raise SpecError(f"{where} [settings] timeout_s must be a positive number, got {values['timeout_s']!r}")
+    if "dtype" in values and values["dtype"] not in ("float32", "float64", "bfloat16", "float16"):
+        raise SpecError(f"{where} [settings] dtype must be float32, float64, bfloat16 or float16")
+    return RunSettings(**values)
+
+
+def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: list[str]) -> list[Case]:
+    from models import BACKWARDS, SOLVERS, model_spec
+
+    models = _models_for(axes, where, notes)
+    lists = {k: _as_list(v) for k, v in axes.items() if k not in ("family", "variant", "model")}
+    for key in ("seq_len", "batch", "depth"):
+        for v in lists.get(key, []):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f"{where}: {key} must be positive integers, got {v!r}")
+    for key in ("seq_len", "batch"):
+        if not lists.get(key):
+            raise SpecError(f"{where}: no {key} given (set it in [defaults] or the sweep)")
+    _check_names(lists.get("solver", []), sorted(SOLVERS), "solver", where)
+    _check_names(lists.get("backward", []), sorted(BACKWARDS), "backward", where)
+    _check_names(lists.get("phase", ["train"]), PHASES, "phase", where)
+    _check_names(lists.get("mode", ["core"]), MODES, "mode", where)
+    cases = []
+    for name in models:
+        spec = model_spec(name)
+        sizes = lists.get("size", ["debug"])
+        _check_names(sizes, list(spec.sizes), f"size for {name}", where)
+        depths = [None] if spec.is_deq else lists.get("depth") or [None]
+        if not spec.is_deq and depths == [None]:
+            raise SpecError(f"{where}: explicit model {name} needs a depth axis")
+        solvers = lists.get("solver", ["broyden"]) if spec.is_deq else [None]
+        backwards = lists.get("backward", ["implicit"]) if spec.is_deq else [None]
+        for size, mode, phase, seq_len, batch, depth, solver, backward in itertools.product(
+            sizes, lists.get("mode", ["core"]), lists.get("phase", ["train"]), lists["seq_len"],
+            lists["batch"], depths, solvers, backwards,
+        ):
+            case = Case(model=name, family=spec.family, variant=spec.variant, size=size, mode=mode,
+                        phase=phase, seq_len=seq_len, batch=batch, depth=depth, solver=solver,
+                        backward=backward)
+            if settings.match_params and spec.variant == "untied":
+                case = dataclasses.replace(case, overrides=_matched_overrides(case))
+            cases.append(case)
+    return cases
+
+
+def _models_for(axes: Mapping[str, Any], where: str, notes: list[str]) -> list[str]:
+    from models import list_models, model_spec
+    from models.registry import VARIANTS
+
+    known = list_models()
+    if "model" in axes:
+        if "family" in axes or "variant" in axes:
+            raise SpecError(f"{where}: give either model or family/variant, not both")
+        names = _as_list(axes["model"])
+        _check_names(names, known, "model", where)
+        return names
+    families = sorted({model_spec(n).family for n in known})
+    fams = _as_list(axes.get("family", families))
+    _check_names(fams, families, "family", where)
+    wanted = _as_list(axes.get("variant", list(VARIANTS)))
+    _check_names(wanted, VARIANTS, "variant", where)
+    names = []
+    for fam in fams:
+        for var in wanted:
+            match = [n for n in known if model_spec(n).family == fam and model_spec(n).variant == var]
+            if not match:
+                notes.append(f"no {var} variant in the {fam} family")
+            names += match
+    return names
+
+
+def _matched_overrides(case: Case) -> tuple[tuple[str, Any], ...]:
+    """Config overrides sizing an untied baseline of this depth to its family's DEQ."""
+    from baselines import match_params
+
+    overrides = match_params(case.model, case.size, depth=case.depth, mode=case.mode)
+    return tuple(sorted(overrides.items()))
+
+
+def _check_names(values: Iterable[Any], valid: Iterable[str], what: str, where: str) -> None:
+    valid = list(valid)
+    for v in values:
+        if v not in valid:
+            raise SpecError(f"{where}: unknown {what} {v!r}; valid: {', '.join(map(str, valid))}")
+
+
+def _no_unknown(table: Any, allowed: Iterable[str], where: str) -> None:
+    if not isinstance(table, Mapping):
+        raise SpecError(f"{where} must be a table")
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise SpecError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(allowed)}")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]

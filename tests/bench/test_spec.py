@@ -1,0 +1,69 @@
+import pytest
+
+from bench.spec import SpecError, list_presets, load_matrix, load_preset, parse_matrix
+
+
+def matrix(**sweep):
+    return {"defaults": {"seq_len": 8, "batch": 2}, "sweep": [sweep]}
+
+
+def test_deq_cases_not_repeated_per_depth_and_explicit_not_per_solver(toy_models):
+    m = parse_matrix(matrix(family="toy", depth=[2, 4, 8], solver=["broyden", "anderson"],
+                            phase=["train", "eval"]))
+    deq = [c for c in m.cases if c.is_deq]
+    tied = [c for c in m.cases if not c.is_deq]
+    assert len(deq) == 2 * 2 and all(c.depth is None for c in deq)  # solvers x phases
+    assert len(tied) == 3 * 2 and all(c.solver is None and c.backward is None for c in tied)
+    assert len({c.case_id for c in m.cases}) == len(m.cases)
+
+
+def test_case_id_and_model_kwargs(toy_models):
+    m = parse_matrix(matrix(model=["toy-deq", "toy-tied"], depth=3, backward="phantom"))
+    by_model = {c.model: c for c in m.cases}
+    assert by_model["toy-deq"].case_id == "toy-deq/debug/core/train/T8/B2/broyden/phantom"
+    assert by_model["toy-deq"].model_kwargs() == {"solver": "broyden", "backward": "phantom"}
+    assert by_model["toy-tied"].case_id == "toy-tied/debug/core/train/T8/B2/L3"
+    assert by_model["toy-tied"].model_kwargs() == {"depth": 3}
+
+
+def test_missing_family_variant_combination_is_noted(toy_models):
+    m = parse_matrix(matrix(family="toy", variant=["deq", "ckpt"], depth=2))
+    assert [c.model for c in m.cases] == ["toy-deq"]
+    assert m.notes == ("no ckpt variant in the toy family",)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (matrix(model="nope", depth=2), "unknown model 'nope'; valid: .*toy-deq"),
+        (matrix(family="toy", solver="newton"), "unknown solver 'newton'; valid: anderson, broyden"),
+        (matrix(family="toy", depth=0), "depth must be positive integers, got 0"),
+        (matrix(family="toy", depth=2, seq_len=-8), "seq_len must be positive"),
+        (matrix(family="toy", depth=2, size="huge"), "unknown size for toy-deq 'huge'; valid: debug, big"),
+        (matrix(family="toy", depth=2, phase="infer"), "unknown phase 'infer'; valid: train, eval"),
+        (matrix(family="toy", depth=2, colour="red"), r"unknown key\(s\) \['colour'\]"),
+        (matrix(model="toy-tied"), "explicit model toy-tied needs a depth axis"),
+        ({"defaults": {"seq_len": 8, "batch": 2}}, "no \\[\\[sweep\\]\\] table"),
+        ({**matrix(family="toy", depth=2), "settings": {"repeats": 0}}, "repeats must be a positive integer"),
+        ({**matrix(family="toy", depth=2), "settings": {"timeout": 3}}, r"unknown key\(s\) \['timeout'\]"),
+        (matrix(family="toy", model="toy-deq"), "either model or family/variant"),
+    ],
+)
+def test_bad_matrix_says_what_and_lists_valid(toy_models, data, message):
+    with pytest.raises(SpecError, match=message):
+        parse_matrix(data)
+
+
+def test_matrix_file_errors(tmp_path):
+    with pytest.raises(SpecError, match="cannot read matrix file"):
+        load_matrix(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sweep\nmodel = 1")
+    with pytest.raises(SpecError, match="does not parse as TOML"):
+        load_matrix(bad)
+    with pytest.raises(SpecError, match="unknown preset 'nope'; valid presets: .*quick"):
+        load_preset("nope")
+
+
+def test_presets_exist():
+    assert {"quick", "seq-sweep", "depth-sweep", "paper", "gpu-validate"} <= set(list_presets())
