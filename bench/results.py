@@ -26,6 +26,8 @@ COLUMNS = (
     "nfe_forward", "nfe_backward", "residual_forward", "residual_backward",
     # beyond DESIGN.md's minimum: what a reader needs to trust or reproduce a row
     "overrides", "num_alloc_retries", "nvml_note", "solver_trace", "elapsed_s", "error",
+    # fit cases (bench.train): perplexities after the matrix's training budget, and the curve
+    "valid_ppl", "test_ppl", "optimal_ppl", "train_steps", "train_s", "train_curve",
 )
 STATUSES = ("ok", "oom", "diverged", "error", "timeout")
 RESULTS, ENV = "results.csv", "env.json"
@@ -81,7 +83,7 @@ def read_results(run_dir_or_csv: str | Path) -> pd.DataFrame:
     for col in df.columns:
         if col in ("case_id", "family", "model", "variant", "solver", "backward", "size", "mode",
                    "phase", "status", "device", "device_name", "memory_source", "overrides",
-                   "nvml_note", "solver_trace", "error"):
+                   "nvml_note", "solver_trace", "error", "train_curve"):
             continue
         df[col] = pd.to_numeric(df[col], errors="coerce")
     return df

@@ -15,6 +15,10 @@ A case is one model at one shape and phase. A matrix (TOML) lists axes whose val
     seq_len = [32, 128]
     depth = [4, 16]
 
+`phase = "fit"` trains the model from scratch (lm mode only) for the matrix's `fit_steps` or
+`fit_seconds` on `fit_data` and records its perplexity (bench.train): every model of a matrix gets
+the same budget, so DEQs and their baselines compare at equal steps or equal wall-clock.
+
 `model = [...]` may replace family x variant. DEQs have no depth and explicit models no solver or
 backward, so those axes do not multiply the cases they don't apply to. Untied explicit baselines
 are parameter-matched to their family's DEQ unless `settings.match_params = false`.
@@ -38,7 +42,7 @@ else:  # pragma: no cover
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", "batch", "size",
         "mode", "phase")
-PHASES = ("train", "eval")
+PHASES = ("train", "eval", "fit")
 MODES = ("core", "lm")
 
 
@@ -91,6 +95,11 @@ class RunSettings:
     instruments: tuple[str, ...] = ()  # empty: every instrument the device allows
     dtype: str = "float32"
     seed: int = 0
+    # fit cases (phase "fit"): the training budget and corpus; None = bench.train's default
+    fit_steps: int | None = None
+    fit_seconds: float | None = None  # a wall-clock budget; fit_steps then only caps the steps
+    fit_data: str = "synthetic"
+    fit_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,18 @@ def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
             raise SpecError(f"{where} [settings] {key} must be a {'positive' if key == 'repeats' else 'non-negative'} integer, got {values[key]!r}")
     if "timeout_s" in values and (not isinstance(values["timeout_s"], (int, float)) or values["timeout_s"] <= 0):
         raise SpecError(f"{where} [settings] timeout_s must be a positive number, got {values['timeout_s']!r}")
+    for key, kind, what in (("fit_steps", int, "integer"), ("fit_seconds", (int, float), "number"),
+                            ("fit_lr", (int, float), "number")):
+        value = values.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value <= 0):
+            raise SpecError(f"{where} [settings] {key} must be a positive {what}, got {value!r}")
+    if "fit_data" in values:
+        from bench.data import CorpusError, check_data
+
+        try:
+            check_data(str(values["fit_data"]))
+        except CorpusError as err:
+            raise SpecError(f"{where} [settings] fit_data: {err}") from None
     if "dtype" in values and values["dtype"] not in ("float32", "float64", "bfloat16", "float16"):
         raise SpecError(f"{where} [settings] dtype must be float32, float64, bfloat16 or float16")
     return RunSettings(**values)
@@ -199,6 +220,9 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
             sizes, lists.get("mode", ["core"]), lists.get("phase", ["train"]), lists["seq_len"],
             lists["batch"], depths, solvers, backwards,
         ):
+            if phase == "fit" and mode != "lm":
+                notes.append("fit cases train on tokens: they run in lm mode only")
+                continue
             case = Case(model=name, family=spec.family, variant=spec.variant, size=size, mode=mode,
                         phase=phase, seq_len=seq_len, batch=batch, depth=depth, solver=solver,
                         backward=backward)

@@ -65,7 +65,10 @@ def is_oom(err: BaseException) -> bool:
 
 
 def execute(case: Any, device: str, settings: Any, instruments: tuple[str, ...]) -> dict[str, Any]:
-    from bench.measure.case import measure_case
+    if case.phase == "fit":  # a training run to a budget (bench.train), not a measured step
+        from bench.train import fit_case as measure_case
+    else:
+        from bench.measure.case import measure_case
 
     t0 = time.monotonic()
     try:
