@@ -151,9 +151,9 @@ def _compare_case(case_id: str, base: dict, run: dict, tol_memory: float, tol_sp
                 out.append(Finding(case_id, metric, b, r, change, "regression"))
             elif change < -tol_memory:
                 out.append(Finding(case_id, metric, b, r, change, "improved"))
-        elif metric in SLOWER_IF_UP and change > tol_speed or metric in SLOWER_IF_DOWN and change < -tol_speed:
+        elif (metric in SLOWER_IF_UP and change > tol_speed) or (metric in SLOWER_IF_DOWN and change < -tol_speed):
             out.append(Finding(case_id, metric, b, r, change, "regression"))
-        elif metric in SLOWER_IF_UP and change < -tol_speed or metric in SLOWER_IF_DOWN and change > tol_speed:
+        elif (metric in SLOWER_IF_UP and change < -tol_speed) or (metric in SLOWER_IF_DOWN and change > tol_speed):
             out.append(Finding(case_id, metric, b, r, change, "improved"))
     return out
 

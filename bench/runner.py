@@ -11,6 +11,7 @@ killed run keeps them and `resume` finishes it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import multiprocessing as mp
 import signal
@@ -18,7 +19,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +89,8 @@ class _Worker:
         self.conn.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
         self.process.join(10)
         if self.process.is_alive():
             self.kill()

@@ -38,7 +38,7 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
 
 def _limit_address_space(extra_bytes: int) -> None:
     """Allow this process `extra_bytes` of address space beyond what torch's import mapped."""
-    import torch  # noqa: F401  (map the libraries first, so the limit is for the case alone)
+    # Map torch's libraries first, so the limit is on what the case itself adds.
     import torch.nn.functional  # noqa: F401
 
     vm_size = 0
@@ -70,7 +70,7 @@ def execute(case: Any, device: str, settings: Any, instruments: tuple[str, ...])
     t0 = time.monotonic()
     try:
         row = measure_case(case, device, settings, instruments)
-    except BaseException as err:  # noqa: BLE001 - every failure must become a row
+    except BaseException as err:  # every failure must become a row
         if isinstance(err, KeyboardInterrupt):
             raise
         status = "oom" if is_oom(err) else "error"

@@ -116,9 +116,9 @@ def _check_type(model: str, key: str, value: Any, field: dataclasses.Field) -> N
     expected = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     checks = {"int": int, "float": (int, float), "bool": bool, "str": str}
     kind = checks.get(expected.split("|")[0].strip())
-    if kind is None or value is None and "None" in expected:
+    if kind is None or (value is None and "None" in expected):
         return
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ValueError(f"{model}.{key} must be {expected}, got {value!r}")
     if kind in (int, (int, float)) and not isinstance(value, bool) and value < 0:
         raise ValueError(f"{model}.{key} must not be negative, got {value!r}")

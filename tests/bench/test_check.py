@@ -1,7 +1,5 @@
 import json
 
-import pytest
-
 from bench.check import compare, load_baseline, make_baseline
 from bench.cli import main
 from bench.results import append_row, read_results, write_json
