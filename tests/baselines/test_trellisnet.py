@@ -113,11 +113,11 @@ def test_paper_depths_and_bad_depth():
         build_model("trellisnet", depth=0)
 
 
-def _train_step_peak(name: str, depth: int | None = None) -> int:
+def _train_step_peak(name: str, depth: int | None = None, **overrides) -> int:
     """Tracked peak bytes of a core-mode training step (forward, backward, Adam), batch 2 x seq 32,
     with parameters, gradients and Adam state counted as already there."""
     torch.manual_seed(0)
-    model = build_model(name, mode="core", depth=depth)
+    model = build_model(name, mode="core", depth=depth, **overrides)
     x = torch.randn(2, 32, model.config.d_model)
     targets = torch.randn(2, 32, model.config.nout)
     opt = torch.optim.Adam(model.parameters())
@@ -140,3 +140,23 @@ def test_memory_trend_with_depth():
     assert 0.8 <= slope["trellisnet"] <= 1.2, slope
     assert slope["trellisnet-ckpt"] < 0.6, slope
     assert deq < 0.5 * peaks["trellisnet"][64], (deq, peaks)
+    # What each extra layer keeps for backward, float32: the h window (H, T+1) the conv reads,
+    # the sigmoid gates i, o, f (3H), tanh g (H), c_{t-1} (H) and tanh c (H). Nothing else.
+    B, T, H = 2, 32, build_model("trellisnet").config.h_size
+    per_layer = 4 * B * (H * (T + 1) + 6 * H * T)
+    assert peaks["trellisnet"][64] - peaks["trellisnet"][8] == 56 * per_layer
+    # sqrt(L) segments beat checkpointing every layer (which keeps every layer's input state)
+    assert peaks["trellisnet-ckpt"][64] < _train_step_peak("trellisnet-ckpt", 64, ckpt_segment=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["deq-trellisnet", *EXPLICIT])
+def test_runs_on_cuda_as_on_cpu(name):
+    model = build_model(name, mode="core")
+    x, targets = _inputs(model, 2)
+    cpu_loss, _ = model(x, targets)
+    model.cuda()
+    loss, stats = model(x.cuda(), targets.cuda())
+    loss.backward()
+    torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=1e-3, atol=1e-6)  # cuDNN may use TF32
+    assert stats.memory.z.is_cuda and all(torch.isfinite(p.grad).all() for p in model.parameters())
