@@ -4,7 +4,13 @@ import torch
 from baselines.hf import GPT2_SIZES
 from baselines.transformer import TRANSFORMER_SIZES
 from models import build_model
-from tests.models.sequences import causal_changes, model_inputs
+from tests.models.sequences import causal_changes, model_inputs, one_thread
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.mark.parametrize("mode", ["lm", "core"])
