@@ -42,6 +42,9 @@ MODELS: dict[str, ModelSpec] = {}
 # Modules that register models when imported; loaded on first use of the registry so that
 # `models` and `baselines` can import each other's building blocks without import cycles.
 FAMILY_MODULES: list[str] = [
+    "models.transformer",
+    "baselines.transformer",
+    "baselines.hf",
     "models.trellisnet",
     "baselines.trellisnet",
 ]
