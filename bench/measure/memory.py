@@ -32,7 +32,11 @@ INPUT_SIZED_LOSSES = (
 
 @register_instrument
 class TorchCudaMemory(Instrument):
-    """`torch.cuda.max_memory_allocated/reserved` over one step, peaks reset after warm-up."""
+    """`torch.cuda.max_memory_allocated/reserved` over one step, peaks reset after warm-up.
+
+    `cuda_peak_bytes` is the allocator's peak as it is; `cuda_preexisting_bytes` is what was
+    allocated before the step that is not the bench's (a cuBLAS workspace: MiBs, which dwarf a
+    debug model), for comparing with `tracked`/`predicted`, which count the model's tensors only."""
 
     name = "torch_cuda"
     passes = (MEMORY,)
@@ -56,6 +60,11 @@ class TorchCudaMemory(Instrument):
         torch.cuda.reset_peak_memory_stats(bench.device)
         self._allocated_before = torch.cuda.memory_allocated(bench.device)
         self._retries_before = torch.cuda.memory_stats(bench.device).get("num_alloc_retries", 0)
+        # What the bench holds between steps, as the allocator would round it; the rest of what
+        # is allocated before the step (cuBLAS workspaces, leftovers) is no model's memory.
+        state = LiveTensorCounter(CUDA_ROUNDING, device="cuda")
+        state.track(*bench.state())
+        self._state_bytes = state.current_bytes
 
     def stop(self, bench: Bench, pass_name: str) -> None:
         device = bench.device
@@ -64,6 +73,7 @@ class TorchCudaMemory(Instrument):
             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device),
             "reserved_bytes": torch.cuda.max_memory_reserved(device),
             "cuda_allocated_before_bytes": self._allocated_before,
+            "cuda_preexisting_bytes": self._allocated_before - self._state_bytes,
             "num_alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
             - self._retries_before,
             "cuda_static_bytes": bench.static_bytes(CUDA_ROUNDING),

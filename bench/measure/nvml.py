@@ -122,9 +122,11 @@ def process_used_bytes(lib: Any, handle: Any, pid: int) -> tuple[int | None, str
 class MemorySampler:
     """Peaks of process and device used memory, sampled by a background thread."""
 
-    def __init__(self, lib: Any, handle: Any, pid: int, interval_s: float = 0.005) -> None:
-        self.lib, self.handle, self.pid, self.interval_s = lib, handle, pid, interval_s
-        self.device = DeviceMemoryReader(lib, handle)
+    def __init__(
+        self, reader: DeviceMemoryReader, pid: int, interval_s: float = 0.005
+    ) -> None:
+        self.lib, self.handle, self.device = reader.lib, reader.handle, reader
+        self.pid, self.interval_s = pid, interval_s
         self.process_peak: int | None = None
         self.device_peak: int | None = None
         self.process_missing = ""  # why a sample had no process reading
@@ -207,6 +209,7 @@ class NvmlMemory(Instrument):
             self.handle, self._match = match_handle(self.lib, self._identity(index))
         except Exception as err:
             return False, f"no NVML handle for cuda:{index}: {err}"
+        self._reader = DeviceMemoryReader(self.lib, self.handle)  # remembers if v2 works
         return True, ""
 
     def prepare(self, workload: Workload) -> None:
@@ -214,7 +217,7 @@ class NvmlMemory(Instrument):
             device = torch.device(workload.device)
             torch.empty(1, device=device)
             torch.cuda.synchronize(device)
-        baseline = MemorySampler(self.lib, self.handle, os.getpid())
+        baseline = MemorySampler(self._reader, os.getpid())
         baseline.sample()
         self._baseline = (baseline.process_peak, baseline.device_peak)
 
@@ -222,7 +225,7 @@ class NvmlMemory(Instrument):
     def start(self, bench: Bench, pass_name: str) -> None:
         self._sync(bench)
         if pass_name == MEMORY:
-            self._sampler = MemorySampler(self.lib, self.handle, os.getpid(), self.interval_s)
+            self._sampler = MemorySampler(self._reader, os.getpid(), self.interval_s)
             self._sampler.start()
         else:
             self._energy_start = self._read_energy()

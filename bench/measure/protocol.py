@@ -148,7 +148,8 @@ def run_pass(bench: Bench, instruments: Sequence[Instrument], pass_name: str) ->
                 torch.cuda.synchronize(bench.device)
             for inst in reversed(instruments):
                 inst.after_step(bench)
-            first = first or stats
+            if first is None:
+                first = stats
             steps += 1
     finally:
         for inst in reversed(instruments):

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
 def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
@@ -65,15 +64,12 @@ class LiveTensorCounter(TorchDispatchMode):
 
     # -- dispatch -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        leaves, _ = tree_flatten((args, kwargs))
-        for t in leaves:
-            if isinstance(t, torch.Tensor):
-                self._see(t)
-        out = self._call(func, args, kwargs or {})
-        leaves, _ = tree_flatten(out)
-        for t in leaves:
-            if isinstance(t, torch.Tensor):
-                self._see(t)
+        kwargs = kwargs or {}
+        # aten schemas nest at most one level (Tensor[] / Tensor?[]): no pytree walk needed
+        self._see_all(args)
+        self._see_all(kwargs.values())
+        out = self._call(func, args, kwargs)
+        self._see_all(out if isinstance(out, (tuple, list)) else (out,))
         return out
 
     def _call(self, func, args, kwargs):
@@ -81,6 +77,15 @@ class LiveTensorCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     # -- bookkeeping --------------------------------------------------------------------------
+    def _see_all(self, items: Iterable[Any]) -> None:
+        for x in items:
+            if isinstance(x, torch.Tensor):
+                self._see(x)
+            elif isinstance(x, (tuple, list)):
+                for y in x:
+                    if isinstance(y, torch.Tensor):
+                        self._see(y)
+
     def _rounded(self, nbytes: int) -> int:
         r = self.round_to
         return nbytes if r <= 1 else -(-nbytes // r) * r
@@ -93,11 +98,11 @@ class LiveTensorCounter(TorchDispatchMode):
             return
         key = storage._cdata
         nbytes = storage.nbytes()
+        known = self._live.get(key)
+        if known is not None and known[0] == nbytes:  # the common case: already counted
+            return
         counted = (nbytes, self._rounded(nbytes))
         with self._lock:
-            known = self._live.get(key)
-            if known == counted:
-                return
             if known is None:
                 weakref.finalize(storage, self._release, key)
             # else: resized in place (resize_, out= ops)

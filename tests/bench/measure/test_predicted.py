@@ -9,18 +9,21 @@ import pytest
 
 from bench.measure import Workload, measure
 from models import list_models, model_spec
-from tests.bench.measure.toys import TOY_MODELS
+from tests.bench.measure.toys import TOY_MODELS, registered_param
 
 REGISTERED = list_models()  # the real families; empty until they are merged into this tree
 PAPER_SIZES = [(m, s) for m in REGISTERED for s in model_spec(m).sizes if s.startswith("paper")]
 TOLERANCE = 0.01
+ITERATIONS = 6
 
 
 def _like_for_like(name: str) -> tuple[tuple[str, float], ...]:
     """A prediction runs every solve for max_iter iterations; tol 0 makes the real step do the
-    same, so both count the same work (memory that grows with NFE, as under `unrolled`)."""
+    same, so both count the same work (memory that grows with NFE, as under `unrolled`). Few
+    iterations keep the test fast: buffers are sized by max_iter, so nothing else changes."""
     fields = {f.name for f in dataclasses.fields(model_spec(name).config)}
-    return tuple((key, 0.0) for key in ("tol", "b_tol") if key in fields)
+    wanted = {"tol": 0.0, "b_tol": 0.0, "max_iter": ITERATIONS, "b_max_iter": ITERATIONS}
+    return tuple((key, value) for key, value in wanted.items() if key in fields)
 
 
 def _compare(name: str, phase: str, mode: str, overrides=()) -> dict:
@@ -33,10 +36,19 @@ def _compare(name: str, phase: str, mode: str, overrides=()) -> dict:
 
 
 @pytest.mark.parametrize("phase", ["train", "eval"])
-@pytest.mark.parametrize("mode", ["core", "lm"])
-@pytest.mark.parametrize("name", REGISTERED)
-def test_predicted_matches_tracked_for_every_registered_model(name, mode, phase):
-    _compare(name, phase, mode)
+@pytest.mark.parametrize("name", [registered_param(m) for m in REGISTERED])
+def test_predicted_matches_tracked_for_every_registered_model(name, phase):
+    # core mode, the paper's protocol; lm mode's embedding, head and cross-entropy are covered
+    # by the toy models below
+    _compare(name, phase, "core")
+
+
+@pytest.mark.parametrize("name", [m for m in REGISTERED if model_spec(m).variant == "hf"])
+def test_predicted_of_hf_models_overestimates_only_by_the_mask(name):
+    B, T = 2, 32
+    row = measure(Workload(model=name, phase="train", batch=B, seq_len=T), ["tracked", "predicted"])
+    gap = row["predicted_unrounded_bytes"] - row["tracked_bytes"]
+    assert 0 <= gap <= 4 * 4 * B * T * T, gap  # a few float (B, 1, T, T) masks at most
 
 
 @pytest.mark.parametrize("phase", ["train", "eval"])
@@ -58,7 +70,7 @@ def test_predicted_matches_tracked_for_the_toy_models(toys, name, mode, phase):
 )
 def test_predicted_matches_tracked_for_deq_solvers_and_backwards(toys, overrides):
     row = _compare("toy-deq", "train", "core", overrides)
-    assert row["nfe_forward"] == 12 and row["nfe_backward"] is not None
+    assert row["nfe_forward"] == ITERATIONS and row["nfe_backward"] is not None
 
 
 class RssPeak:

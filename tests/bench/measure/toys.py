@@ -1,13 +1,15 @@
 """Two small registered models the instrument tests can rely on while the real families are
-built elsewhere: a DEQ of an FFN cell and the same cell stacked `depth` times (explicit)."""
+built elsewhere: a DEQ of an FFN cell and the same cell stacked `depth` times (explicit). And
+`registered_param`, which marks the registered models `predicted` cannot match exactly."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from torch import Tensor, nn
 
-from models import DEQ, ModelSpec, ModelStats
+from models import DEQ, ModelSpec, ModelStats, model_spec
 from models.base import BenchModel
 
 
@@ -101,3 +103,13 @@ TOY_SPECS = (
               build=ToyStack),
 )
 TOY_MODELS = tuple(spec.name for spec in TOY_SPECS)
+
+# transformers treats a FakeTensor as "tracing" and then materialises the causal mask that a real
+# step leaves to SDPA's is_causal: the fake step runs other ops (a few T x T temporaries more).
+HF_TRACES_FAKES = "transformers takes its tracing path on fake tensors (explicit causal mask)"
+
+
+def registered_param(name: str):
+    """A registered model as a test parameter; `hf` models xfail where predicted must be exact."""
+    hf = model_spec(name).variant == "hf"
+    return pytest.param(name, marks=pytest.mark.xfail(reason=HF_TRACES_FAKES, strict=False) if hf else ())
