@@ -213,10 +213,11 @@ class NvmlMemory(Instrument):
         return True, ""
 
     def prepare(self, workload: Workload) -> None:
-        if self._cuda:  # the baseline should hold the CUDA context, not only other processes
+        if self._cuda:  # the baseline holds the CUDA context (made by a first allocation) ...
             device = torch.device(workload.device)
             torch.empty(1, device=device)
             torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # ... but no cached segment the allocator will reuse later
         baseline = MemorySampler(self._reader, os.getpid())
         baseline.sample()
         self._baseline = (baseline.process_peak, baseline.device_peak)

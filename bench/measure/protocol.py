@@ -70,8 +70,12 @@ def measure(
     warmup: int = 1,
 ) -> dict[str, Any]:
     """The result columns of one workload (RESULT_COLUMNS first, then each instrument's extras,
-    `params`, `params_nonembed`, `diverged` and `notes`). Unknown instrument names raise before
-    anything runs; instruments the device does not allow are skipped with the reason in notes."""
+    `params`, `params_nonembed`, `predict_s`, `diverged` and `notes`).
+
+    `instruments`: names (fresh instances) or instances (e.g. `make_instrument("timing",
+    repeats=20)`; one measure() call each); None = everything the device allows. Unknown names
+    raise before anything runs; instruments the device does not allow are skipped, the reason in
+    `notes`. Errors of the workload itself (out of memory, a crashing model) propagate."""
     if warmup < 1:
         raise ValueError("warmup must be >= 1: static memory exists only after a first step")
     device = torch.device(workload.device)

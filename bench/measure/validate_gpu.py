@@ -149,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = args.models.split(",") if args.models else list_models()
     unknown = sorted(set(models) - set(list_models()))
     if unknown or not models:
-        print(f"validate_gpu: error: unknown or no models {unknown}; registered: "
-              f"{', '.join(list_models()) or 'none'}", file=sys.stderr)
+        what = f"unknown models {unknown}" if unknown else "no models to validate"
+        print(f"validate_gpu: error: {what}; registered: {', '.join(list_models()) or 'none'}",
+              file=sys.stderr)
         return 2
     out = args.out or Path("results/reference") / device_slug(device)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from models import registry
 from tests.bench.measure.toys import TOY_SPECS
@@ -11,3 +12,12 @@ def toys(monkeypatch):
     monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
     for spec in TOY_SPECS:
         registry.register_model(spec)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Debug-sized ops on two shared cores: a second intra-op thread only adds contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,15 +42,15 @@ def _transformer_analytic_flops_per_token(c, seq_len: int) -> int:
     """Eval forward of the explicit transformer in core mode, per token: for each layer the QKV
     projection, the output projection, the FFN, and attention over K = seq_len keys (no memory at
     debug): Q K^T and scores V, plus the relative positional scores Q R^T and the projection of
-    the K distance sinusoids (once per sequence). Dense T x K scores, as the kernels compute."""
+    the K distance sinusoids (once per forward). Dense T x K scores, as the kernels compute."""
     hd, K = c.n_head * c.d_head, seq_len + c.mem_len
     per_token = 2 * c.d_model * 3 * hd + 2 * hd * c.d_model + 2 * 2 * c.d_model * c.d_inner
     per_token += 2 * 2 * K * hd  # Q K^T, scores V
-    per_sequence = 0
+    per_forward = 0
     if c.attention == "relative":
         per_token += 2 * K * hd  # (q + r_r) R^T
-        per_sequence = 2 * K * c.d_model * hd  # r_net over the K sinusoids
-    return c.depth * per_token, c.depth * per_sequence
+        per_forward = 2 * K * c.d_model * hd  # r_net over the K sinusoids, shared by the batch
+    return c.depth * per_token, c.depth * per_forward
 
 
 @pytest.mark.skipif("transformer" not in list_models(), reason="the transformer model is not registered")
@@ -58,8 +58,8 @@ def _transformer_analytic_flops_per_token(c, seq_len: int) -> int:
 def test_transformer_eval_flops_within_5_percent_of_analytic(attention):
     B, T = 2, 32
     config = make_config("transformer", "debug", attention=attention)
-    per_token, per_sequence = _transformer_analytic_flops_per_token(config, T)
-    analytic = per_token + per_sequence / T  # the projection is shared by the batch
+    per_token, per_forward = _transformer_analytic_flops_per_token(config, T)
+    analytic = per_token + per_forward / (B * T)
     row = measure(Workload(model="transformer", phase="eval", batch=B, seq_len=T,
                            overrides=(("attention", attention),)), ["flops"])
     assert row["flops_per_token"] == pytest.approx(analytic, rel=0.05)

@@ -10,14 +10,13 @@ from bench.measure.validate_gpu import gaps, main
 
 
 def test_without_cuda_it_runs_the_cpu_instruments_and_skips_the_check(toys, tmp_path, capsys):
-    code = main(["--out", str(tmp_path), "--device", "cuda", "--models", "toy-stack,toy-deq",
+    code = main(["--out", str(tmp_path), "--device", "cuda", "--models", "toy-stack",
                  "--batch", "2", "--seq-len", "8", "--repeats", "2"])
     assert code == 0
     out = capsys.readouterr().out
     assert "CUDA is not available here" in out
     rows = list(csv.DictReader((tmp_path / "instruments.csv").open()))
-    assert [(r["model"], r["phase"]) for r in rows] == [
-        ("toy-stack", "train"), ("toy-stack", "eval"), ("toy-deq", "train"), ("toy-deq", "eval")]
+    assert [(r["model"], r["phase"]) for r in rows] == [("toy-stack", "train"), ("toy-stack", "eval")]
     assert set(RESULT_COLUMNS) <= set(rows[0])
     for r in rows:
         assert r["device"] == "cpu" and r["check"] == "skipped: no torch_cuda number"
@@ -26,12 +25,12 @@ def test_without_cuda_it_runs_the_cpu_instruments_and_skips_the_check(toys, tmp_
         assert "torch_cuda unavailable" in r["notes"]
     env = json.loads((tmp_path / "env.json").read_text())
     assert env["device"] == "cpu" and env["torch"] and "nvml_available" in env
-    assert "toy-deq train" in (tmp_path / "summary.md").read_text()
+    assert "toy-stack train" in (tmp_path / "summary.md").read_text()
 
 
 def test_unknown_model_is_bad_input(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--models", "no-such-model"]) == 2
-    assert "unknown or no models ['no-such-model']" in capsys.readouterr().err
+    assert "unknown models ['no-such-model']; registered:" in capsys.readouterr().err
 
 
 def test_gaps_and_the_tolerance_check():
