@@ -1,0 +1,23 @@
+import pytest
+import torch
+
+from models import registry
+from tests.bench.measure.toys import TOY_SPECS
+
+
+@pytest.fixture
+def toys(monkeypatch):
+    """The toy models registered for one test (the registry is restored afterwards)."""
+    registry.list_models()  # load the real families first, so the copy holds them
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    for spec in TOY_SPECS:
+        registry.register_model(spec)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Debug-sized ops on two shared cores: a second intra-op thread only adds contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
