@@ -94,6 +94,10 @@ class RunSettings:
     instruments: tuple[str, ...] = ()  # empty: every instrument the device allows
     dtype: str = "float32"
     seed: int = 0
+    # torch intra-op threads in the worker; None keeps torch's default (all cores). Debug-sized
+    # tensors gain nothing from more threads, and on shared cores a second thread can make a
+    # step 100x slower (spin-waiting), so small presets say 1.
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,8 @@ def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
     values = dict(raw)
     if "instruments" in values:
         values["instruments"] = tuple(_as_list(values["instruments"]))
+    if "threads" in values and (not isinstance(values["threads"], int) or values["threads"] < 1):
+        raise SpecError(f"{where} [settings] threads must be a positive integer, got {values['threads']!r}")
     for key in ("warmup", "repeats", "seed"):
         if key in values and (not isinstance(values[key], int) or values[key] < (1 if key == "repeats" else 0)):
             raise SpecError(f"{where} [settings] {key} must be a {'positive' if key == 'repeats' else 'non-negative'} integer, got {values[key]!r}")

@@ -24,6 +24,10 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
     from bench.spec import Case, RunSettings
 
     run_settings = RunSettings(**settings)
+    if run_settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(run_settings.threads)
     while True:
         try:
             message = conn.recv()

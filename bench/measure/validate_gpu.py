@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bench.measure.env import describe_environment, device_slug
+from bench.env import capture, device_kind
 from bench.measure.instrument import Instrument, default_instruments, make_instrument
 from bench.measure.protocol import RESULT_COLUMNS, measure
 from bench.measure.workload import Workload
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"validate_gpu: error: {what}; registered: {', '.join(list_models()) or 'none'}",
               file=sys.stderr)
         return 2
-    out = args.out or Path("results/reference") / device_slug(device)
+    out = args.out or Path("results/reference") / device_kind(str(device))
     out.mkdir(parents=True, exist_ok=True)
 
     # Ask for the GPU instruments even on a CPU: their rows then say why they are missing.
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{workload.model:<20} {workload.phase:<5} {row['check']}", flush=True)
 
     write_csv(out / "instruments.csv", rows)
-    (out / "env.json").write_text(json.dumps(describe_environment(device), indent=2) + "\n")
+    (out / "env.json").write_text(json.dumps(capture(str(device)), indent=2, default=str) + "\n")
     (out / "summary.md").write_text(summary(rows, args.tolerance))
     print(f"wrote {out / 'instruments.csv'}, env.json, summary.md")
     return 1 if any(r["check"] in ("fail", "error") for r in rows) else 0

@@ -4,13 +4,7 @@ import torch
 from baselines.hf import GPT2_SIZES
 from baselines.transformer import TRANSFORMER_SIZES
 from models import build_model
-from tests.models.sequences import causal_changes, model_inputs, one_thread
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from tests.models.sequences import causal_changes, model_inputs
 
 
 @pytest.mark.parametrize("mode", ["lm", "core"])

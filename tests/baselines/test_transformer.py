@@ -6,16 +6,10 @@ import torch
 from baselines import match_params
 from bench.measure.tracked import LiveTensorCounter
 from models import build_model
-from tests.models.sequences import causal_changes, model_inputs, one_thread
+from tests.models.sequences import causal_changes, model_inputs
 
 ATTENTIONS = ["relative", "sdpa"]
 EXPLICIT = ["transformer", "transformer-tied", "transformer-ckpt"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.mark.parametrize("mem", [0, 6])

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor, nn
 
@@ -38,15 +35,3 @@ def causal_changes(model: nn.Module, x: Tensor, t: int, memory: object = None) -
     before = (out2[:, :t] - out[:, :t]).abs().max().item() if t else 0.0
     at = (out2[:, t] - out[:, t]).flatten(1).abs().amax(1).min().item()
     return before, at
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: on debug-sized tensors extra threads only add synchronisation,
-    which stalls badly when the machine's cores are busy (tens of times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -4,15 +4,9 @@ import pytest
 import torch
 
 from models import ModelStats, build_model, list_models
-from tests.models.sequences import model_inputs, one_thread
+from tests.models.sequences import model_inputs
 
 SEQ_LEN = 8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _embedding_params(model) -> set[int]:

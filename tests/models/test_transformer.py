@@ -7,15 +7,9 @@ from torch.nn.utils.parametrizations import _WeightNorm
 from models import build_model, fixed_iterations
 from models.attention import causal_allowed, relative_shift, sinusoid
 from models.transformer import SegmentMemory, TransformerCell, TransformerConfig
-from tests.models.sequences import causal_changes, model_inputs, one_thread, perturbed
+from tests.models.sequences import causal_changes, model_inputs, perturbed
 
 ATTENTIONS = ["relative", "sdpa"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def deq(**overrides):

@@ -8,15 +8,6 @@ from models import build_model
 from models.trellisnet import TrellisNetMemory
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared by several jobs: oneDNN's thread pool then makes tiny convs ~30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(model, batch: int, seq: int = 12):
     c, g = model.config, torch.Generator().manual_seed(1)
     if model.mode == "lm":

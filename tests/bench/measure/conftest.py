@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from models import registry
 from tests.bench.measure.toys import TOY_SPECS
@@ -14,10 +13,3 @@ def toys(monkeypatch):
         registry.register_model(spec)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Debug-sized ops on two shared cores: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

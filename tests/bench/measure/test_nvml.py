@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from bench.env import capture
 from bench.measure import Workload, make_instrument, measure, run_pass
-from bench.measure.env import describe_environment
 from bench.measure.instrument import MEMORY, TIMED
 from bench.measure.nvml import NvmlMemory, energy_delta_mj, load_nvml, match_handle
 from models import ModelStats
@@ -125,8 +125,8 @@ def test_the_real_library_without_a_driver_is_unavailable_with_its_error_text():
         pytest.skip("an NVIDIA driver is present")
     ok, reason = NvmlMemory(identity=identity).available(CUDA)
     assert not ok and reason == why and "NVML" in reason
-    env = describe_environment("cpu")
-    assert env["nvml_available"] is False and env["nvml_reason"] == why
+    env = capture("cpu")
+    assert env["nvml"] == {"available": False, "reason": why}
 
 
 def test_nvml_error_at_init_is_a_reason_not_a_crash():

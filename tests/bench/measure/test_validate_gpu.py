@@ -24,7 +24,7 @@ def test_without_cuda_it_runs_the_cpu_instruments_and_skips_the_check(toys, tmp_
         assert r["reserved_bytes"] == "" and r["nvml_process_bytes"] == ""  # empty, never 0
         assert "torch_cuda unavailable" in r["notes"]
     env = json.loads((tmp_path / "env.json").read_text())
-    assert env["device"] == "cpu" and env["torch"] and "nvml_available" in env
+    assert env["device"] == "cpu" and env["versions"]["torch"] and "available" in env["nvml"]
     assert "toy-stack train" in (tmp_path / "summary.md").read_text()
 
 
