@@ -127,7 +127,7 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
     lines = []
     if p.empty:
         return ["no DEQ-baseline pairs in these results"]
-    head = f"{'family':<11}{'phase':<6}{'T':>5}  {'baseline':<17}{'L':>4}{'DEQ peak':>11}{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}"
+    head = f"{'family':<12}{'phase':<6}{'T':>5}  {'baseline':<17}{'L':>4}{'DEQ peak':>11}{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}"
     lines.append(head)
     lines.append("-" * len(head))
     for r in p.itertuples():
@@ -135,7 +135,7 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
         nfe = "—" if pd.isna(r.nfe_forward) else f"{r.nfe_forward:.0f}/" + ("—" if pd.isna(r.nfe_backward) else f"{r.nfe_backward:.0f}")
         base_peak = format_bytes(r.baseline_peak_bytes) if r.baseline_status in ("ok", "diverged") else r.baseline_status
         lines.append(
-            f"{r.family:<11}{r.phase:<6}{r.seq_len:>5}  {r.baseline_model:<17}{r.depth:>4.0f}"
+            f"{r.family:<12}{r.phase:<6}{r.seq_len:>5}  {r.baseline_model:<17}{r.depth:>4.0f}"
             f"{format_bytes(r.deq_peak_bytes):>11}{base_peak:>11}{format_pct(r.reduction):>8}{slow:>9}{nfe:>9}"
         )
     sources = sorted(set(df["memory_source"].dropna()))

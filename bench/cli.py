@@ -7,6 +7,7 @@ line saying what and how to fix it, before anything runs or is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import os
@@ -19,7 +20,7 @@ EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_PRESET = "quick"
 # Modules that add their own subcommands: each has `register(subparsers)` adding a parser whose
 # defaults set `func(args) -> exit code` (raising BadInput for bad input).
-COMMAND_MODULES: list[str] = ["bench.train"]
+COMMAND_MODULES: list[str] = ["bench.check", "bench.train"]
 
 
 class BadInput(Exception):
@@ -64,12 +65,12 @@ def resolve_device_arg(requested: str) -> str:
 def check_instruments(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
-    from bench.measure import INSTRUMENTS
+    from bench.measure import list_instruments
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     for n in names:
-        if n not in INSTRUMENTS:
-            raise BadInput(f"unknown instrument {n!r}; valid: {', '.join(sorted(INSTRUMENTS))}")
+        if n not in list_instruments():
+            raise BadInput(f"unknown instrument {n!r}; valid: {', '.join(list_instruments())}")
     return names
 
 
@@ -106,7 +107,7 @@ def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.measure import INSTRUMENTS
+    from bench.measure import list_instruments
     from bench.spec import list_presets, load_preset
     from models import BACKWARDS, SOLVERS, list_models, model_spec
 
@@ -120,7 +121,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         m = load_preset(name)
         presets[name] = {"description": m.description, "cases": len(m.cases)}
     listing = {"models": models, "presets": presets, "solvers": sorted(SOLVERS),
-               "backwards": sorted(BACKWARDS), "instruments": sorted(INSTRUMENTS)}
+               "backwards": sorted(BACKWARDS), "instruments": list_instruments()}
     if args.json:
         print(json.dumps(listing, indent=2))
         return EXIT_OK
@@ -164,6 +165,11 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"{'predicting' if predict else 'running'} {matrix.name}: {len(matrix.cases)} cases on "
           f"{device} -> {out}", file=sys.stderr)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BadInput(f"--threads must be >= 1, got {args.threads}")
+        matrix = dataclasses.replace(
+            matrix, settings=dataclasses.replace(matrix.settings, threads=args.threads))
     options = RunOptions(device=device, memory_limit=memory_limit, instruments=instruments,
                          progress=not args.no_progress)
     run_matrix(matrix, out, options, resume=args.resume, only=args.only,
@@ -214,6 +220,7 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (default results/latest)")
     p.add_argument("--only", help="run only cases whose id contains or glob-matches these comma-separated patterns")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch threads per case (default: the preset's, else all cores)")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,12 +45,11 @@ def device_name(device: str) -> str:
 
 
 def device_kind(device: str) -> str:
-    """A filesystem-safe name for the kind of device, used for reference and baseline files."""
-    name = device_name(device).lower()
-    for token in ("(r)", "(tm)", "nvidia", "cpu", "@"):
-        name = name.replace(token, " ")
-    kind = "-".join(name.split()[:4]) if device.startswith("cuda") else "cpu"
-    return "".join(ch for ch in kind if ch.isalnum() or ch in "-._") or "unknown"
+    """A directory-safe name for the kind of device, used for reference runs and baselines:
+    'cpu', or the GPU's name ('NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3')."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or "cuda"
 
 
 def cpu_name() -> str:
@@ -61,23 +62,22 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def nvml_status() -> dict[str, Any]:
+def nvml_status(library: Any = None) -> dict[str, Any]:
+    """NVML availability, with the error text when there is no driver (never a crash)."""
+    from bench.measure.nvml import load_nvml
+
+    lib, why = load_nvml(library)
+    if lib is None:
+        return {"available": False, "reason": why}
     try:
-        import pynvml
-    except ImportError as err:
-        return {"available": False, "reason": f"nvidia-ml-py not installed: {err}"}
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as err:
-        return {"available": False, "reason": f"NVML: {err}"}
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        return {"available": True, "driver": driver if isinstance(driver, str) else driver.decode(),
-                "devices": pynvml.nvmlDeviceGetCount()}
-    except pynvml.NVMLError as err:
-        return {"available": False, "reason": f"NVML: {err}"}
+        driver = lib.nvmlSystemGetDriverVersion()
+        return {"available": True, "driver": driver.decode() if isinstance(driver, bytes) else str(driver),
+                "devices": lib.nvmlDeviceGetCount()}
+    except Exception as err:  # a broken driver install: report, don't crash
+        return {"available": False, "reason": f"NVML query failed: {err}"}
     finally:
-        pynvml.nvmlShutdown()
+        with contextlib.suppress(Exception):
+            lib.nvmlShutdown()
 
 
 def git_state(cwd: Path | None = None) -> dict[str, Any]:
@@ -104,12 +104,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def capture(device: str = "cpu", argv: list[str] | None = None) -> dict[str, Any]:
+def capture(device: str = "cpu", argv: list[str] | None = None, nvml_library: Any = None) -> dict[str, Any]:
     cuda: dict[str, Any] = {"available": torch.cuda.is_available(), "version": torch.version.cuda}
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         cuda.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    total_memory_bytes=props.total_memory)
+                    total_memory_bytes=props.total_memory, cudnn=torch.backends.cudnn.version())
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(argv if argv is not None else sys.argv),
@@ -123,7 +123,7 @@ def capture(device: str = "cpu", argv: list[str] | None = None) -> dict[str, Any
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": cuda,
-        "nvml": nvml_status(),
+        "nvml": nvml_status(nvml_library),
         "versions": versions(),
         "git": git_state(),
     }

@@ -11,6 +11,7 @@ killed run keeps them and `resume` finishes it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import multiprocessing as mp
 import signal
@@ -18,7 +19,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +89,8 @@ class _Worker:
         self.conn.close()
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             self.conn.send(None)
-        except (BrokenPipeError, OSError):
-            pass
         self.process.join(10)
         if self.process.is_alive():
             self.kill()
@@ -109,18 +107,24 @@ def _death_row(exitcode: int | None, elapsed: float) -> dict[str, Any]:
             "error": f"worker exited with code {exitcode} before reporting"}
 
 
-def prepare_run_dir(out: Path, *, resume: bool, argv: list[str] | None, device: str) -> None:
+def prepare_run_dir(out: Path, matrix: Matrix, *, resume: bool, argv: list[str] | None,
+                    device: str) -> None:
     """Create the run directory and write env.json first (kept as-is when resuming)."""
     out.mkdir(parents=True, exist_ok=True)
     env_path = out / ENV
     if not (resume and env_path.exists()):
-        write_json(env_path, envmod.capture(device, argv))
+        env = envmod.capture(device, argv)
+        env["matrix"] = {"name": matrix.name, "source": matrix.source, "cases": len(matrix.cases),
+                         "settings": asdict(matrix.settings)}
+        if matrix.settings.threads is not None:
+            env["torch_threads"] = matrix.settings.threads  # what the workers use
+        write_json(env_path, env)
 
 
 def run_matrix(matrix: Matrix, out: Path, options: RunOptions, *, resume: bool = False,
                only: str | None = None, argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run (or finish) a matrix into `out`; returns the rows written by this call."""
-    prepare_run_dir(out, resume=resume, argv=argv, device=options.device)
+    prepare_run_dir(out, matrix, resume=resume, argv=argv, device=options.device)
     done = finished_case_ids(out) if resume else set()
     todo = [c for c in select_cases(matrix.cases, only) if c.case_id not in done]
     fresh = options.fresh_worker_per_case

@@ -27,12 +27,15 @@ are parameter-matched to their family's DEQ unless `settings.match_params = fals
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,6 +98,10 @@ class RunSettings:
     instruments: tuple[str, ...] = ()  # empty: every instrument the device allows
     dtype: str = "float32"
     seed: int = 0
+    # torch intra-op threads in the worker; None keeps torch's default (all cores). Debug-sized
+    # tensors gain nothing from more threads, and on shared cores a second thread can make a
+    # step 100x slower (spin-waiting), so small presets say 1.
+    threads: int | None = None
     # fit cases (phase "fit"): the training budget and corpus; None = bench.train's default
     fit_steps: int | None = None
     fit_seconds: float | None = None  # a wall-clock budget; fit_steps then only caps the steps
@@ -168,6 +175,8 @@ def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
     values = dict(raw)
     if "instruments" in values:
         values["instruments"] = tuple(_as_list(values["instruments"]))
+    if "threads" in values and (not isinstance(values["threads"], int) or values["threads"] < 1):
+        raise SpecError(f"{where} [settings] threads must be a positive integer, got {values['threads']!r}")
     for key in ("warmup", "repeats", "seed"):
         if key in values and (not isinstance(values[key], int) or values[key] < (1 if key == "repeats" else 0)):
             raise SpecError(f"{where} [settings] {key} must be a {'positive' if key == 'repeats' else 'non-negative'} integer, got {values[key]!r}")
@@ -227,7 +236,7 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
                         phase=phase, seq_len=seq_len, batch=batch, depth=depth, solver=solver,
                         backward=backward)
             if settings.match_params and spec.variant == "untied":
-                case = dataclasses.replace(case, overrides=_matched_overrides(case))
+                case = dataclasses.replace(case, overrides=_matched_overrides(case, notes))
             cases.append(case)
     return cases
 
@@ -258,12 +267,38 @@ def _models_for(axes: Mapping[str, Any], where: str, notes: list[str]) -> list[s
     return names
 
 
-def _matched_overrides(case: Case) -> tuple[tuple[str, Any], ...]:
-    """Config overrides sizing an untied baseline of this depth to its family's DEQ."""
+def _matched_overrides(case: Case, notes: list[str]) -> tuple[tuple[str, Any], ...]:
+    """Config overrides sizing an untied baseline of this depth to its family's DEQ. Where no
+    config of that depth is small enough, the case runs at its size's own config, with a note
+    (the params columns show the mismatch)."""
+    try:
+        return _match(case.family, case.model, case.size, case.depth)
+    except ValueError as err:
+        notes.append(f"not parameter-matched: {err}")
+        return ()
+
+
+@functools.cache
+def _match(family: str, model: str, size: str, depth: int) -> tuple[tuple[str, Any], ...]:
     from baselines import match_params
 
-    overrides = match_params(case.model, case.size, depth=case.depth, mode=case.mode)
+    target = _deq_params(family, size)
+    if target is None:
+        return ()
+    with torch.device("meta"):  # parameter counts without allocating anything
+        overrides = match_params(target, depth, model=model, size=size)
     return tuple(sorted(overrides.items()))
+
+
+@functools.cache
+def _deq_params(family: str, size: str) -> int | None:
+    from models import build_model, list_models, model_spec
+
+    deqs = [n for n in list_models() if model_spec(n).family == family and model_spec(n).is_deq]
+    if not deqs or size not in model_spec(deqs[0]).sizes:
+        return None
+    with torch.device("meta"):
+        return build_model(deqs[0], size, mode="core").num_params(non_embedding=True)
 
 
 def _check_names(values: Iterable[Any], valid: Iterable[str], what: str, where: str) -> None:

@@ -682,6 +682,10 @@ def fit_case(case: Any, device: str, settings: Any, instruments: tuple[str, ...]
     its perplexities and the run's speed, memory and solver statistics."""
     from bench.env import device_name
 
+    if instruments == ("predicted",):  # `deqbench predict`: a fit case's memory is its train step's
+        from bench.measure.case import measure_case
+
+        return measure_case(dataclasses.replace(case, phase="train"), device, settings, instruments)
     memory = tuple(i for i in instruments if i in ("torch_cuda", "tracked")) if instruments else None
     trainer = Trainer(fit_config(case, device, settings), None, memory_instruments=memory)
     o = trainer.run()

@@ -24,6 +24,10 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
     from bench.spec import Case, RunSettings
 
     run_settings = RunSettings(**settings)
+    if run_settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(run_settings.threads)
     while True:
         try:
             message = conn.recv()
@@ -38,7 +42,7 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
 
 def _limit_address_space(extra_bytes: int) -> None:
     """Allow this process `extra_bytes` of address space beyond what torch's import mapped."""
-    import torch  # noqa: F401  (map the libraries first, so the limit is for the case alone)
+    # Map torch's libraries first, so the limit is on what the case itself adds.
     import torch.nn.functional  # noqa: F401
 
     vm_size = 0
@@ -73,7 +77,7 @@ def execute(case: Any, device: str, settings: Any, instruments: tuple[str, ...])
     t0 = time.monotonic()
     try:
         row = measure_case(case, device, settings, instruments)
-    except BaseException as err:  # noqa: BLE001 - every failure must become a row
+    except BaseException as err:  # every failure must become a row
         if isinstance(err, KeyboardInterrupt):
             raise
         status = "oom" if is_oom(err) else "error"

@@ -1,7 +1,15 @@
 """DEQ engine (solvers, implicit backward) and the DEQ models, behind one registry."""
 
 from models.deq import BACKWARDS, DEQ
-from models.registry import MODELS, ModelSpec, build_model, list_models, make_config, model_spec, register_model
+from models.registry import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    list_models,
+    make_config,
+    model_spec,
+    register_model,
+)
 from models.solvers import SOLVERS, SolverStats, fixed_iterations, solve
 from models.stats import ModelStats
 

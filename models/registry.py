@@ -41,7 +41,13 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {}
 # Modules that register models when imported; loaded on first use of the registry so that
 # `models` and `baselines` can import each other's building blocks without import cycles.
-FAMILY_MODULES: list[str] = []
+FAMILY_MODULES: list[str] = [
+    "models.transformer",
+    "baselines.transformer",
+    "baselines.hf",
+    "models.trellisnet",
+    "baselines.trellisnet",
+]
 _loaded = False
 
 
@@ -116,9 +122,9 @@ def _check_type(model: str, key: str, value: Any, field: dataclasses.Field) -> N
     expected = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     checks = {"int": int, "float": (int, float), "bool": bool, "str": str}
     kind = checks.get(expected.split("|")[0].strip())
-    if kind is None or value is None and "None" in expected:
+    if kind is None or (value is None and "None" in expected):
         return
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ValueError(f"{model}.{key} must be {expected}, got {value!r}")
     if kind in (int, (int, float)) and not isinstance(value, bool) and value < 0:
         raise ValueError(f"{model}.{key} must not be negative, got {value!r}")

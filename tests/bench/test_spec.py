@@ -39,7 +39,7 @@ def test_missing_family_variant_combination_is_noted(toy_models):
         (matrix(family="toy", solver="newton"), "unknown solver 'newton'; valid: anderson, broyden"),
         (matrix(family="toy", depth=0), "depth must be positive integers, got 0"),
         (matrix(family="toy", depth=2, seq_len=-8), "seq_len must be positive"),
-        (matrix(family="toy", depth=2, size="huge"), "unknown size for toy-deq 'huge'; valid: debug, big"),
+        (matrix(family="toy", depth=2, size="huge"), r"unknown size for toy-deq 'huge'; valid: debug, big"),
         (matrix(family="toy", depth=2, phase="infer"), "unknown phase 'infer'; valid: train, eval"),
         (matrix(family="toy", depth=2, colour="red"), r"unknown key\(s\) \['colour'\]"),
         (matrix(model="toy-tied"), "explicit model toy-tied needs a depth axis"),
@@ -61,7 +61,7 @@ def test_matrix_file_errors(tmp_path):
     bad.write_text("[sweep\nmodel = 1")
     with pytest.raises(SpecError, match="does not parse as TOML"):
         load_matrix(bad)
-    with pytest.raises(SpecError, match="unknown preset 'nope'; valid presets: .*quick"):
+    with pytest.raises(SpecError, match=r"unknown preset 'nope'; valid presets: .*quick"):
         load_preset("nope")
 
 

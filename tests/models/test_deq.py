@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -13,16 +12,14 @@ def _grads(deq: DEQ, dtype, loss_kind: str = "mse", batch: int = 4, d: int = 32)
     f, z0, params, x = contraction(d=d, batch=batch, dtype=dtype)
     z, stats = deq(f, z0)
     target = torch.randn(z.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    if loss_kind == "mse":
-        loss = ((z - target) ** 2).sum()
-    else:  # a mean over a large tensor: gradients of order 1 / numel
-        loss = (z * target).mean()
+    # "mean-large": a mean over a large tensor, so gradients are of order 1 / numel
+    loss = ((z - target) ** 2).sum() if loss_kind == "mse" else (z * target).mean()
     loss.backward()
     return [t.grad.clone() for t in (*params, x)], stats
 
 
 def _max_rel_err(grads, ref):
-    return max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, ref))
+    return max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, ref, strict=True))
 
 
 REFERENCE = dict(backward="unrolled", max_iter=500, tol=0.0)

@@ -49,7 +49,7 @@ def test_stops_on_every_sample_and_counts_real_evaluations(solver, stop_mode):
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
 def test_returns_lowest_residual_iterate(solver):
     f, z0, _, _ = contraction()
-    z, stats = solve(f, z0, solver=solver, max_iter=4, tol=0.0)
+    _, stats = solve(f, z0, solver=solver, max_iter=4, tol=0.0)
     assert stats.status == "max_iter" and not stats.converged
     assert stats.residual == pytest.approx(min(stats.trace))
 

@@ -1,0 +1,84 @@
+"""`gpt2`: Hugging Face's GPT2LMHeadModel, built from a GPT2Config (random init, no download).
+
+The off-the-shelf explicit transformer a user would otherwise train, sized by the family's named
+sizes (width, heads, FFN width, depth of `transformer`). In core mode it takes `inputs_embeds`
+and returns the last hidden state: the LM head is never run, and the word-embedding table
+shrinks to one row, so that core-mode memory holds no word embeddings (the paper's protocol).
+Learned position embeddings stay: they are part of what core mode runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from baselines.transformer import TRANSFORMER_SIZES
+from models.base import BenchModel
+from models.registry import ModelSpec, register_model
+from models.stats import ModelStats
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPT2BenchConfig:
+    vocab_size: int = 256
+    d_model: int = 64
+    n_head: int = 4
+    d_inner: int = 256
+    depth: int = 4
+    dropout: float = 0.0
+    n_positions: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} must be a multiple of n_head {self.n_head}")
+
+
+class GPT2(BenchModel):
+    # Word embeddings (tied with the LM head); position embeddings count as non-embedding.
+    embedding_names = ("embedding",)
+
+    def __init__(self, config: GPT2BenchConfig, mode: str) -> None:
+        super().__init__(config, mode)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built from a config: never reach the hub
+        from transformers import GPT2Config, GPT2LMHeadModel  # slow import: only when built
+
+        vocab = config.vocab_size if mode == "lm" else 1
+        hf_config = GPT2Config(
+            vocab_size=vocab, n_positions=config.n_positions, n_embd=config.d_model,
+            n_layer=config.depth, n_head=config.n_head, n_inner=config.d_inner,
+            resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+            bos_token_id=vocab - 1, eos_token_id=vocab - 1, use_cache=False,
+            attn_implementation="sdpa",
+        )
+        self.gpt2 = GPT2LMHeadModel(hf_config)
+
+    @property
+    def embedding(self) -> nn.Module:
+        return self.gpt2.transformer.wte
+
+    def forward(
+        self, x: Tensor, targets: Tensor | None = None, memory: object = None
+    ) -> tuple[Tensor, ModelStats]:
+        if memory is not None:
+            raise ValueError("gpt2 carries no memory across segments")
+        if self.mode == "lm":
+            out = self.gpt2(input_ids=x).logits  # (B, T, vocab)
+        else:
+            out = self.gpt2.transformer(inputs_embeds=x).last_hidden_state  # (B, T, d)
+        stats = ModelStats(nfe_forward=self.config.depth)
+        if targets is not None:
+            return self.loss(out, targets), stats
+        return out, stats
+
+
+_GPT2_FIELDS = ("vocab_size", "d_model", "n_head", "d_inner", "depth", "dropout")
+GPT2_SIZES: dict[str, dict] = {
+    name: {k: v for k, v in size.items() if k in _GPT2_FIELDS} for name, size in TRANSFORMER_SIZES.items()
+}
+
+register_model(ModelSpec(
+    name="gpt2", family="transformer", variant="hf", config=GPT2BenchConfig, sizes=GPT2_SIZES,
+    build=GPT2, description="transformers' GPT2LMHeadModel from a GPT2Config (no download)",
+))

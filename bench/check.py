@@ -1,0 +1,245 @@
+"""Memory (and speed) regression checks against a committed baseline.
+
+    deqbench baseline RUN_DIR -o results/baselines/cpu.json
+    deqbench check RUN_DIR --baseline results/baselines/cpu.json [--tol-memory 5%] [--tol-speed 30%]
+
+A baseline keeps, per case, the deterministic numbers (tracked and predicted bytes, parameter
+counts, FLOPs: exact on any machine) and the device numbers (peak and reserved bytes, step time,
+tokens/s), with the device they came from. `check` compares case by case: memory growing past
+its tolerance, a parameter count that changed, a case that used to pass and now fails, or (looser,
+timings drift) a step that slowed past its tolerance is a regression: exit 1. A baseline made on
+another kind of device is refused (exit 2): its bytes and seconds are not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+FORMAT = 1
+# (column, kind): memory grows = regression; speed: time up / throughput down = regression.
+DETERMINISTIC = ("tracked_bytes", "predicted_bytes", "params", "params_nonembed", "flops_per_token",
+                 "static_bytes")
+DEVICE = ("peak_bytes", "reserved_bytes", "activation_bytes", "step_s_median", "tokens_per_s")
+MEMORY = ("tracked_bytes", "predicted_bytes", "peak_bytes", "reserved_bytes", "static_bytes",
+          "activation_bytes", "flops_per_token")
+EXACT = ("params", "params_nonembed")
+SLOWER_IF_UP = ("step_s_median",)
+SLOWER_IF_DOWN = ("tokens_per_s",)
+
+
+class BaselineMismatch(ValueError):
+    """The baseline cannot be compared with this run (other device kind, unreadable file)."""
+
+
+def make_baseline(run_dir: Path) -> dict[str, Any]:
+    from bench.results import read_env, read_results
+
+    df = read_results(run_dir)
+    env = read_env(run_dir)
+    cases: dict[str, Any] = {}
+    for row in df.to_dict("records"):
+        cases[row["case_id"]] = {
+            "status": row["status"],
+            "memory_source": row.get("memory_source"),
+            "deterministic": {k: _num(row.get(k)) for k in DETERMINISTIC if _num(row.get(k)) is not None},
+            "device": {k: _num(row.get(k)) for k in DEVICE if _num(row.get(k)) is not None},
+        }
+    return {
+        "format": FORMAT,
+        "device_kind": env.get("device_kind") or _kind_from_rows(df),
+        "device_name": env.get("device_name") or _first(df, "device_name"),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"run": str(run_dir), "git": env.get("git"), "versions": env.get("versions"),
+                   "command": env.get("command")},
+        "cases": cases,
+    }
+
+
+def _num(value: Any) -> float | int | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def _first(df: pd.DataFrame, col: str) -> Any:
+    vals = df[col].dropna() if col in df else []
+    return vals.iloc[0] if len(vals) else None
+
+
+def _kind_from_rows(df: pd.DataFrame) -> str | None:
+    device = _first(df, "device")
+    return "cpu" if device == "cpu" else None
+
+
+@dataclass(frozen=True)
+class Finding:
+    case_id: str
+    metric: str
+    baseline: Any
+    current: Any
+    change: float | None  # relative change, current / baseline - 1
+    verdict: str  # "regression" | "improved" | "changed" | "missing-in-run" | "new-in-run"
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise BaselineMismatch(f"cannot read baseline {path}: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise BaselineMismatch(f"baseline {path} is not valid JSON: {err}") from None
+    if data.get("format") != FORMAT or "cases" not in data:
+        raise BaselineMismatch(f"{path} is not a deq-bench baseline (format {FORMAT}); make one "
+                               "with `deqbench baseline RUN_DIR -o FILE`")
+    return data
+
+
+def compare(run_dir: Path, baseline: dict[str, Any], tol_memory: float = 0.05,
+            tol_speed: float = 0.30) -> list[Finding]:
+    current = make_baseline(run_dir)
+    if baseline.get("device_kind") != current.get("device_kind"):
+        raise BaselineMismatch(
+            f"baseline is for device kind {baseline.get('device_kind')!r} "
+            f"({baseline.get('device_name')}), this run is {current.get('device_kind')!r} "
+            f"({current.get('device_name')}); compare runs of the same kind of device"
+        )
+    findings: list[Finding] = []
+    # Timings compare only on the same device model; bytes and FLOPs compare on any of its kind.
+    same_device = baseline.get("device_name") == current.get("device_name")
+    if not same_device:
+        tol_speed = math.inf
+    base_cases, run_cases = baseline["cases"], current["cases"]
+    for case_id in sorted(set(base_cases) | set(run_cases)):
+        if case_id not in run_cases:
+            findings.append(Finding(case_id, "case", "present", None, None, "missing-in-run"))
+            continue
+        if case_id not in base_cases:
+            findings.append(Finding(case_id, "case", None, "present", None, "new-in-run"))
+            continue
+        findings += _compare_case(case_id, base_cases[case_id], run_cases[case_id], tol_memory, tol_speed)
+    return findings
+
+
+def _compare_case(case_id: str, base: dict, run: dict, tol_memory: float, tol_speed: float) -> list[Finding]:
+    out = []
+    if base["status"] != run["status"]:
+        worse = base["status"] == "ok"
+        out.append(Finding(case_id, "status", base["status"], run["status"], None,
+                           "regression" if worse else "improved"))
+    values_b = {**base.get("deterministic", {}), **base.get("device", {})}
+    values_r = {**run.get("deterministic", {}), **run.get("device", {})}
+    for metric in sorted(set(values_b) & set(values_r)):
+        b, r = values_b[metric], values_r[metric]
+        if not b:
+            continue
+        change = r / b - 1.0
+        if metric in EXACT:
+            if r != b:
+                out.append(Finding(case_id, metric, b, r, change, "changed"))
+        elif metric in MEMORY:
+            if change > tol_memory:
+                out.append(Finding(case_id, metric, b, r, change, "regression"))
+            elif change < -tol_memory:
+                out.append(Finding(case_id, metric, b, r, change, "improved"))
+        elif (metric in SLOWER_IF_UP and change > tol_speed) or (metric in SLOWER_IF_DOWN and change < -tol_speed):
+            out.append(Finding(case_id, metric, b, r, change, "regression"))
+        elif (metric in SLOWER_IF_UP and change < -tol_speed) or (metric in SLOWER_IF_DOWN and change > tol_speed):
+            out.append(Finding(case_id, metric, b, r, change, "improved"))
+    return out
+
+
+FAILING = ("regression", "changed")
+
+
+def format_findings(findings: list[Finding]) -> list[str]:
+    if not findings:
+        return ["no case moved beyond tolerance"]
+    lines = [f"{'verdict':<15}{'metric':<18}{'baseline':>14}{'current':>14}{'change':>9}  case"]
+    order = {"regression": 0, "changed": 1, "missing-in-run": 2, "new-in-run": 3, "improved": 4}
+    for f in sorted(findings, key=lambda f: (order[f.verdict], f.case_id, f.metric)):
+        change = "" if f.change is None else f"{100 * f.change:+.1f}%"
+        lines.append(f"{f.verdict:<15}{f.metric:<18}{_show(f.baseline):>14}{_show(f.current):>14}"
+                     f"{change:>9}  {f.case_id}")
+    return lines
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def parse_tolerance(text: str) -> float:
+    from bench.cli import BadInput
+
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise BadInput(f"bad tolerance {text!r}; use a percentage like 5% or a fraction like 0.05") from None
+    if value < 0:
+        raise BadInput(f"tolerance must not be negative, got {text!r}")
+    return value
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from bench.cli import BadInput, check_writable_dir
+    from bench.results import RESULTS, write_json
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / RESULTS).exists():
+        raise BadInput(f"{run_dir} holds no {RESULTS}; give a run directory")
+    out = Path(args.output)
+    check_writable_dir(out.parent)
+    data = make_baseline(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, data)
+    print(f"baseline of {len(data['cases'])} cases ({data['device_kind']}: {data['device_name']}) -> {out}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bench.cli import EXIT_OK, EXIT_REGRESSION, BadInput
+    from bench.results import RESULTS, read_env
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / RESULTS).exists():
+        raise BadInput(f"{run_dir} holds no {RESULTS}; give a run directory")
+    tol_memory, tol_speed = parse_tolerance(args.tol_memory), parse_tolerance(args.tol_speed)
+    try:
+        baseline = load_baseline(Path(args.baseline))
+        findings = compare(run_dir, baseline, tol_memory, tol_speed)
+    except BaselineMismatch as err:
+        raise BadInput(str(err)) from None
+    for line in format_findings(findings):
+        print(line)
+    bad = [f for f in findings if f.verdict in FAILING]
+    if baseline.get("device_name") != read_env(run_dir).get("device_name"):
+        print(f"speed not compared: baseline measured on {baseline.get('device_name')}")
+    print(f"\n{len(bad)} regression(s) against {args.baseline} "
+          f"(memory tolerance {100 * tol_memory:g}%, speed {100 * tol_speed:g}%)")
+    return EXIT_REGRESSION if bad else EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baseline", help="a regression baseline (JSON) from a run")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", required=True, help="baseline file to write")
+    p.set_defaults(func=cmd_baseline)
+    p = sub.add_parser("check", help="compare a run with a baseline; exit 1 on regression")
+    p.add_argument("run_dir")
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--tol-memory", default="5%", help="memory growth allowed (default 5%%)")
+    p.add_argument("--tol-speed", default="30%", help="slowdown allowed (default 30%%; timings drift)")
+    p.set_defaults(func=cmd_check)

@@ -1,0 +1,133 @@
+"""`predicted` (fake tensors, no allocation) against `tracked` (a real step), and at paper sizes."""
+
+import dataclasses
+import os
+import threading
+import time
+
+import pytest
+
+from bench.measure import Workload, measure
+from models import list_models, model_spec
+from tests.bench.measure.toys import TOY_MODELS, registered_param
+
+REGISTERED = list_models()  # the real families; empty until they are merged into this tree
+PAPER_SIZES = [(m, s) for m in REGISTERED for s in model_spec(m).sizes if s.startswith("paper")]
+TOLERANCE = 0.01
+ITERATIONS = 6
+
+
+def _like_for_like(name: str) -> tuple[tuple[str, float], ...]:
+    """A prediction runs every solve for max_iter iterations; tol 0 makes the real step do the
+    same, so both count the same work (memory that grows with NFE, as under `unrolled`). Few
+    iterations keep the test fast: buffers are sized by max_iter, so nothing else changes."""
+    fields = {f.name for f in dataclasses.fields(model_spec(name).config)}
+    wanted = {"tol": 0.0, "b_tol": 0.0, "max_iter": ITERATIONS, "b_max_iter": ITERATIONS}
+    return tuple((key, value) for key, value in wanted.items() if key in fields)
+
+
+def _compare(name: str, phase: str, mode: str, overrides=()) -> dict:
+    workload = Workload(model=name, phase=phase, mode=mode, batch=2, seq_len=32,
+                        overrides=(*_like_for_like(name), *overrides))
+    row = measure(workload, ["tracked", "predicted"])
+    tracked, predicted = row["tracked_bytes"], row["predicted_unrounded_bytes"]
+    assert abs(predicted - tracked) <= TOLERANCE * tracked, (name, phase, mode, predicted, tracked)
+    return row
+
+
+@pytest.mark.parametrize("phase", ["train", "eval"])
+@pytest.mark.parametrize("name", [registered_param(m) for m in REGISTERED])
+def test_predicted_matches_tracked_for_every_registered_model(name, phase):
+    # core mode, the paper's protocol; lm mode's embedding, head and cross-entropy are covered
+    # by the toy models below
+    _compare(name, phase, "core")
+
+
+@pytest.mark.parametrize("name", [m for m in REGISTERED if model_spec(m).variant == "hf"])
+def test_predicted_of_hf_models_overestimates_only_by_the_mask(name):
+    B, T = 2, 32
+    row = measure(Workload(model=name, phase="train", batch=B, seq_len=T), ["tracked", "predicted"])
+    gap = row["predicted_unrounded_bytes"] - row["tracked_bytes"]
+    assert 0 <= gap <= 4 * 4 * B * T * T, gap  # a few float (B, 1, T, T) masks at most
+
+
+@pytest.mark.parametrize("phase", ["train", "eval"])
+@pytest.mark.parametrize("mode", ["core", "lm"])
+@pytest.mark.parametrize("name", TOY_MODELS)
+def test_predicted_matches_tracked_for_the_toy_models(toys, name, mode, phase):
+    row = _compare(name, phase, mode)
+    # rounded like CUDA's allocator: every storage a multiple of 512 bytes
+    assert row["predicted_bytes"] % 512 == 0 and row["predicted_static_bytes"] % 512 == 0
+    assert row["predicted_bytes"] >= row["predicted_unrounded_bytes"]
+    assert row["tracked_static_bytes"] < row["tracked_bytes"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [(("solver", "anderson"),), (("solver", "fixed_point"),), (("backward", "phantom"),),
+     (("backward", "unrolled"),)],
+    ids=lambda o: "-".join(str(v) for _, v in o),
+)
+def test_predicted_matches_tracked_for_deq_solvers_and_backwards(toys, overrides):
+    row = _compare("toy-deq", "train", "core", overrides)
+    assert row["nfe_forward"] == ITERATIONS and row["nfe_backward"] is not None
+
+
+class RssPeak:
+    """Peak growth of this process's resident memory while the block runs (Linux /proc)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.growth = max(self.peak, self._rss()) - self.base
+
+    def _run(self):
+        while not self._done.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _predict_paper(name: str, size: str, phase: str = "train") -> tuple[dict, float, int]:
+    workload = Workload(model=name, size=size, mode="core", phase=phase, batch=15, seq_len=150)
+    started = time.perf_counter()
+    with RssPeak() as rss:
+        row = measure(workload, ["predicted"])
+    return row, time.perf_counter() - started, rss.growth
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_predicted_70_layer_stack_at_paper_shape_is_fast_and_allocates_nothing(toys):
+    # 70 layers of d 1024 / FFN 4096 (~590M params) at the paper's protocol: B 15, T 150, core
+    row, seconds, growth = _predict_paper("toy-stack", "wide")
+    n_params = 70 * (2 * 1024 * 4096 + 4096 + 1024 + 2 * 1024) + 1024 * 1024 + 1024
+    # params, grads and Adam's two moments, fp32: 16 bytes a parameter (+ 512-byte rounding)
+    assert row["static_bytes"] == pytest.approx(16 * n_params, rel=1e-3)
+    assert row["peak_bytes"] > row["static_bytes"] > 5e9  # far beyond this machine's memory
+    assert row["memory_source"] == "predicted" and row["nfe_forward"] == 70
+    assert seconds < 60 and growth < 1e9, (seconds, growth)
+
+
+@needs_proc
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "size"), PAPER_SIZES)
+def test_predicted_paper_sizes_of_registered_models(name, size):
+    """e.g. 70-layer TrellisNet at paper-wt103: seconds, not gigabytes."""
+    row, seconds, growth = _predict_paper(name, size)
+    print(f"{name} {size}: predicted {row['predicted_bytes'] / 1e9:.2f} GB "
+          f"(static {row['static_bytes'] / 1e9:.2f} GB) in {seconds:.1f} s, RSS +{growth / 1e6:.0f} MB")
+    assert row["peak_bytes"] > row["static_bytes"] > 0
+    assert seconds < 60 and growth < 1e9, (seconds, growth)

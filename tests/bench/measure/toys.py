@@ -1,0 +1,115 @@
+"""Two small registered models the instrument tests can rely on while the real families are
+built elsewhere: a DEQ of an FFN cell and the same cell stacked `depth` times (explicit). And
+`registered_param`, which marks the registered models `predicted` cannot match exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from torch import Tensor, nn
+
+from models import DEQ, ModelSpec, ModelStats, model_spec
+from models.base import BenchModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyDEQConfig:
+    d_model: int = 32
+    d_hidden: int = 64
+    vocab_size: int = 50
+    dropout: float = 0.0
+    solver: str = "broyden"
+    backward: str = "implicit"
+    max_iter: int = 12
+    tol: float = 1e-4
+    stop_mode: str = "rel"
+    b_solver: str | None = None
+    b_max_iter: int = 12
+    b_tol: float = 1e-6
+    phantom_steps: int = 1
+    phantom_tau: float = 1.0
+    pretrain_depth: int = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyStackConfig:
+    d_model: int = 32
+    d_hidden: int = 64
+    vocab_size: int = 50
+    dropout: float = 0.0
+    depth: int = 3
+
+
+class Cell(nn.Module):
+    """f(z; x) = LN(0.5 z + FFN(z) + x): contractive at init (small output projection)."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.ln = nn.LayerNorm(d)
+        self.ff[2].weight.data.mul_(0.3)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.ln(0.5 * z + self.ff(z) + x)
+
+
+class _Toy(BenchModel):
+    def __init__(self, config, mode: str) -> None:
+        super().__init__(config, mode)
+        d = config.d_model
+        if mode == "lm":
+            self.embedding = nn.Embedding(config.vocab_size, d)
+            self.head = nn.Linear(d, config.vocab_size)
+        self.inject = nn.Linear(d, d)
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, memory=None):
+        x = self.embedding(x) if self.mode == "lm" else x  # (B, T, d)
+        z, stats = self.core(self.inject(x))
+        out = self.head(z) if self.mode == "lm" else z
+        return (out if targets is None else self.loss(out, targets)), stats
+
+
+class ToyDEQ(_Toy):
+    def __init__(self, config: ToyDEQConfig, mode: str) -> None:
+        super().__init__(config, mode)
+        self.cell = Cell(config.d_model, config.d_hidden)
+        self.deq = DEQ(solver=config.solver, backward=config.backward, max_iter=config.max_iter,
+                       tol=config.tol, stop_mode=config.stop_mode, b_solver=config.b_solver,
+                       b_max_iter=config.b_max_iter, b_tol=config.b_tol)
+
+    def core(self, injection: Tensor) -> tuple[Tensor, ModelStats]:
+        return self.deq(lambda z: self.cell(z, injection), injection.new_zeros(injection.shape))
+
+
+class ToyStack(_Toy):
+    def __init__(self, config: ToyStackConfig, mode: str) -> None:
+        super().__init__(config, mode)
+        self.layers = nn.ModuleList(Cell(config.d_model, config.d_hidden) for _ in range(config.depth))
+
+    def core(self, injection: Tensor) -> tuple[Tensor, ModelStats]:
+        z = injection.new_zeros(injection.shape)
+        for layer in self.layers:
+            z = layer(z, injection)
+        return z, ModelStats(nfe_forward=len(self.layers))
+
+
+TOY_SPECS = (
+    ModelSpec(name="toy-deq", family="toy", variant="deq", config=ToyDEQConfig,
+              sizes={"debug": {}, "wide": {"d_model": 1024, "d_hidden": 4096, "max_iter": 30}},
+              build=ToyDEQ),
+    ModelSpec(name="toy-stack", family="toy", variant="untied", config=ToyStackConfig,
+              sizes={"debug": {}, "wide": {"d_model": 1024, "d_hidden": 4096, "depth": 70}},
+              build=ToyStack),
+)
+TOY_MODELS = tuple(spec.name for spec in TOY_SPECS)
+
+# transformers treats a FakeTensor as "tracing" and then materialises the causal mask that a real
+# step leaves to SDPA's is_causal: the fake step runs other ops (a few T x T temporaries more).
+HF_TRACES_FAKES = "transformers takes its tracing path on fake tensors (explicit causal mask)"
+
+
+def registered_param(name: str):
+    """A registered model as a test parameter; `hf` models xfail where predicted must be exact."""
+    hf = model_spec(name).variant == "hf"
+    return pytest.param(name, marks=pytest.mark.xfail(reason=HF_TRACES_FAKES, strict=False) if hf else ())
