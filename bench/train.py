@@ -34,6 +34,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import signal
@@ -88,6 +89,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at evaluations and the end
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch intra-op threads; None = torch's default
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch", "seq_len", "log_every")
@@ -97,7 +99,7 @@ class TrainConfig:
         for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("eval_batch", "eval_tokens", "max_vocab", "pretrain_steps", "depth"):
+        for name in ("eval_batch", "eval_tokens", "max_vocab", "pretrain_steps", "depth", "threads"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "pretrain_steps" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'pretrain_steps' else 1}, got {value}")
@@ -195,6 +197,8 @@ class Trainer:
         self.progress = progress
         self.command = command
         self.device = torch.device(resolve_device(c.device))
+        if c.threads is not None:
+            torch.set_num_threads(c.threads)
         self.corpus = corpus if corpus is not None else load_corpus(c.data, _splits(c), max_vocab=c.max_vocab)
         torch.manual_seed(c.seed)
         self.model = build_for(c, self.corpus.vocab_size).to(self.device)
@@ -254,7 +258,7 @@ class Trainer:
             "corpus_digest": corpus_digest(self.corpus),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "step": self.step, "epoch": self.epoch, "position": self.position,
-            "elapsed": self.elapsed, "memory": _to_cpu(self.memory), "rng": rng,
+            "elapsed": self.elapsed, "memory": pack_memory(self.memory), "rng": rng,
             "sums": dataclasses.asdict(self.sums), "step_times": self.step_times,
             "curve": [list(p) for p in self.curve], "last_valid": self.last_valid,
             "peaks": self.peaks, "uses_memory": self.uses_memory,
@@ -266,7 +270,7 @@ class Trainer:
         self.optimizer.load_state_dict(s["optimizer"])
         self.step, self.epoch, self.position = s["step"], s["epoch"], s["position"]
         self.elapsed = s["elapsed"]
-        self.memory = _to_device(s["memory"], self.device)
+        self.memory = unpack_memory(s["memory"], self.device)
         self.sums = Sums(**s["sums"])
         self.step_times = list(s["step_times"])
         self.curve = [tuple(p) for p in s["curve"]]
@@ -595,20 +599,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
+def pack_memory(obj: Any) -> Any:
+    """Segment memory (tensors in tuples, named tuples, lists, dicts) as plain containers of CPU
+    tensors that `torch.load(weights_only=True)` reads back; named tuples keep their class name."""
+    if obj is None or isinstance(obj, Tensor):
+        return None if obj is None else obj.detach().cpu()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        kind = type(obj)
+        return {"namedtuple": [f"{kind.__module__}:{kind.__qualname__}", [pack_memory(v) for v in obj]]}
     if isinstance(obj, (list, tuple)):
-        return [_to_cpu(o) for o in obj]
-    return obj
+        return {type(obj).__name__: [pack_memory(v) for v in obj]}
+    if isinstance(obj, dict):
+        return {"dict": {k: pack_memory(v) for k, v in obj.items()}}
+    raise TypeError(f"cannot checkpoint segment memory of type {type(obj).__name__}")
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, list):
-        return [_to_device(o, device) for o in obj]
-    return obj
+def unpack_memory(obj: Any, device: torch.device) -> Any:
+    if obj is None or isinstance(obj, Tensor):
+        return None if obj is None else obj.to(device)
+    ((kind, payload),) = obj.items()
+    if kind == "namedtuple":
+        module, _, name = payload[0].partition(":")
+        cls: Any = importlib.import_module(module)
+        for part in name.split("."):
+            cls = getattr(cls, part)
+        return cls(*(unpack_memory(v, device) for v in payload[1]))
+    if kind == "dict":
+        return {k: unpack_memory(v, device) for k, v in payload.items()}
+    values = [unpack_memory(v, device) for v in payload]
+    return tuple(values) if kind == "tuple" else values
 
 
 def _cell(value: Any) -> str:
@@ -796,7 +815,7 @@ OPTIONS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("--clip", "clip", float), ("--weight-decay", "weight_decay", float),
     ("--pretrain-steps", "pretrain_steps", int), ("--eval-every", "eval_every", int),
     ("--log-every", "log_every", int), ("--checkpoint-every", "checkpoint_every", int),
-    ("--seed", "seed", int),
+    ("--seed", "seed", int), ("--threads", "threads", int),
 )
 HELP = {
     "size": "named size", "depth": "layers of an explicit model (default: the size's)",
@@ -819,6 +838,7 @@ HELP = {
     "log_every": "steps per train_log.csv row",
     "checkpoint_every": "steps between checkpoints; 0 = at validations and the end",
     "seed": "seed of initialisation and dropout",
+    "threads": "torch intra-op threads (default: torch's; 1 is fastest for debug sizes on shared cores)",
 }
 
 
