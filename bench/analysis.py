@@ -126,7 +126,7 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
     p = pairs(df)
     lines = []
     if p.empty:
-        return ["no DEQ-baseline pairs in these results"]
+        return ["no DEQ-baseline pairs in these results", *quality_lines(df)]
     head = f"{'family':<12}{'phase':<6}{'T':>5}  {'baseline':<17}{'L':>4}{'DEQ peak':>11}{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}"
     lines.append(head)
     lines.append("-" * len(head))
@@ -140,7 +140,45 @@ def summary_lines(df: pd.DataFrame) -> list[str]:
         )
     sources = sorted(set(df["memory_source"].dropna()))
     lines.append(f"peak memory source: {', '.join(sources) or '—'}; saving = 1 - DEQ/baseline peak")
+    return lines + quality_lines(df)
+
+
+def quality_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Fit cases (models trained to the matrix's budget): perplexity beside speed and memory;
+    `gap` = valid / best achievable - 1 where the corpus's optimum is known (synthetic)."""
+    if df.empty or "valid_ppl" not in df or "phase" not in df:
+        return pd.DataFrame()
+    fit = df[df["phase"] == "fit"]
+    if fit.empty:
+        return pd.DataFrame()
+    out = fit[["family", "model", "variant", "depth", "solver", "backward", "seq_len", "batch",
+               "size", "status", "params_nonembed", "train_steps", "train_s", "tokens_per_s",
+               "peak_bytes", "memory_source", "nfe_forward", "nfe_backward", "valid_ppl",
+               "test_ppl", "optimal_ppl"]].copy()
+    out["gap"] = out["valid_ppl"] / out["optimal_ppl"] - 1.0
+    return out.sort_values(["family", "seq_len", "variant", "depth"]).reset_index(drop=True)
+
+
+def quality_lines(df: pd.DataFrame) -> list[str]:
+    t = quality_table(df)
+    if t.empty:
+        return []
+    head = (f"{'model':<18}{'L':>4}{'steps':>7}{'train s':>9}{'tokens/s':>10}{'peak':>11}"
+            f"{'NFE f/b':>9}{'valid ppl':>11}{'optimum':>9}{'gap':>8}")
+    lines = ["", "quality after the same training budget (fit cases):", head, "-" * len(head)]
+    for r in t.itertuples():
+        depth = "—" if pd.isna(r.depth) else f"{r.depth:.0f}"
+        nfe = "—" if pd.isna(r.nfe_forward) else f"{r.nfe_forward:.0f}/" + ("—" if pd.isna(r.nfe_backward) else f"{r.nfe_backward:.0f}")
+        lines.append(
+            f"{r.model:<18}{depth:>4}{_num(r.train_steps, '.0f'):>7}{_num(r.train_s, '.1f'):>9}"
+            f"{_num(r.tokens_per_s, ',.0f'):>10}{format_bytes(r.peak_bytes):>11}{nfe:>9}"
+            f"{_num(r.valid_ppl, '.3f'):>11}{_num(r.optimal_ppl, '.3f'):>9}{format_pct(r.gap):>8}"
+        )
     return lines
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "—" if value is None or pd.isna(value) else format(value, spec)
 
 
 def paper_lines(df: pd.DataFrame) -> list[str]:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from torch.utils._pytree import tree_leaves
 
-from bench import cli
+from bench import analysis, cli
 from bench.data import Splits, load_corpus
-from bench.results import COLUMNS, append_row, read_results
+from bench.results import COLUMNS, append_row, case_columns, read_results
 from bench.spec import Case, RunSettings, SpecError, load_preset, parse_matrix
 from bench.train import (
     CHECKPOINT,
@@ -278,9 +278,13 @@ def test_fit_case_is_a_results_row_with_perplexity(tmp_path):
     assert row["memory_source"] == "tracked" and row["peak_bytes"] > 0
     assert row["nfe_forward"] > 0 and row["tokens_per_s"] > 0
     assert [p[0] for p in row["train_curve"]] == [1, 2, 3, 4, 5, 6]
-    append_row(tmp_path, {"case_id": case.case_id, "model": case.model, "seq_len": 8, "depth": None, **row})
+    append_row(tmp_path, {**case_columns(case), **row})
     df = read_results(tmp_path)
     assert df.loc[0, "valid_ppl"] == pytest.approx(row["valid_ppl"])
+    table = analysis.quality_table(df)
+    assert table.loc[0, "gap"] == pytest.approx(row["valid_ppl"] / row["optimal_ppl"] - 1)
+    line = next(li for li in analysis.quality_lines(df) if li.startswith("deq-transformer"))
+    assert f"{row['valid_ppl']:.3f}" in line and f"{row['optimal_ppl']:.3f}" in line
     assert plot_training(tmp_path) == [tmp_path / "figures" / "training.png"]
 
 
