@@ -375,6 +375,8 @@ def load_corpus(spec: str, splits: Splits | None = None, *, max_vocab: int | Non
     if spec == "synthetic" or spec.startswith("synthetic:"):
         if splits not in (None, Splits()):
             raise CorpusError("the synthetic corpus has fixed train/valid/test splits; drop the split options")
+        if max_vocab is not None:
+            raise CorpusError("the synthetic corpus's vocabulary is an option of its own: synthetic:vocab=N")
         return parse_synthetic(spec).corpus()
     cache = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
     return load_text_corpus(Path(spec).expanduser(), splits or Splits(), max_vocab, cache)

@@ -199,7 +199,7 @@ class Trainer:
         self.device = torch.device(resolve_device(c.device))
         if c.threads is not None:
             torch.set_num_threads(c.threads)
-        self.corpus = corpus if corpus is not None else load_corpus(c.data, _splits(c), max_vocab=c.max_vocab)
+        self.corpus = corpus if corpus is not None else load_corpus(c.data, c.splits, max_vocab=c.max_vocab)
         torch.manual_seed(c.seed)
         self.model = build_for(c, self.corpus.vocab_size).to(self.device)
         self.is_deq = self.model.spec.is_deq
@@ -464,14 +464,14 @@ class Trainer:
         if s.steps == 0:
             return
         loss = s.loss / s.steps
+        peak = s.peak_bytes
+        if self.memory_source == "torch_cuda":  # read before evaluating: training steps only
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peaks.append(peak)
         valid = None
         if validate and self.corpus.valid is not None:
             valid = self.evaluate(self.corpus.valid)
             self.last_valid = valid
-        peak = s.peak_bytes
-        if self.memory_source == "torch_cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-            self.peaks.append(peak)
         row = {
             "step": self.step, "epoch": self.epoch,
             "lr": self.optimizer.param_groups[0]["lr"], "loss": loss, "ppl": _exp(loss),
@@ -567,10 +567,6 @@ def build_for(config: TrainConfig, vocab_size: int) -> nn.Module:
     overrides = dict(config.overrides)
     overrides["vocab_size"] = vocab_size
     return build_model(config.model, config.size, mode="lm", depth=config.depth, **overrides)
-
-
-def _splits(c: TrainConfig) -> Splits | None:
-    return None if c.data.startswith("synthetic") else c.splits
 
 
 def corpus_digest(corpus: Corpus) -> str:

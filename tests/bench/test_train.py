@@ -71,6 +71,7 @@ def test_config_rejects_bad_values(field, value, message):
     (["--model", "deq-transformer", "--data", "{tmp}/missing"], "corpus directory .*missing does not exist"),
     (["--model", "deq-transformer", "--data", "{tmp}/two"], "no 'train' split in .*found test.txt, valid.txt"),
     (["--model", "deq-transformer", "--data", "synthetic:order=x"], "synthetic option order must be int"),
+    (["--model", "deq-transformer", "--train-split", "valid"], "synthetic corpus has fixed .* splits"),
     (["--model", "deq-transformer", "--set", "colour=3"], r"has no config field\(s\) \['colour'\]"),
     (["--model", "deq-transformer", "--set", "mem_len"], "bad --set 'mem_len'; use KEY=VALUE"),
     (["--model", "deq-transformer", "--steps", "0"], "steps must be >= 1"),
@@ -326,3 +327,14 @@ def test_training_presets_compare_each_deq_with_its_baselines(preset):
     shapes = {(c.seq_len, c.batch, c.size) for c in m.cases}
     assert len(shapes) == 1  # one shape, one budget: an equal-budget comparison
     assert (m.settings.fit_seconds is not None) == (preset == "train-quality-time")
+
+
+@pytest.mark.gpu
+def test_cuda_runs_report_torch_cuda_peaks(tmp_path):
+    config = TrainConfig(**{**TINY_DEQ, "steps": 6, "log_every": 3, "device": "cuda"})
+    out = Trainer(config, tmp_path).run()
+    rows = read_log(tmp_path)
+    assert [r["memory_source"] for r in rows] == ["torch_cuda", "torch_cuda"]
+    assert all(int(r["peak_bytes"]) > 0 for r in rows)
+    assert out.memory_source == "torch_cuda" and out.peak_bytes == max(int(r["peak_bytes"]) for r in rows)
+    assert len(out.curve) == 2 and out.valid_ppl is not None
