@@ -181,9 +181,7 @@ def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
 
 
 def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: list[str]) -> list[Case]:
-    from models import BACKWARDS, SOLVERS, model_spec
-
-    from models import make_config
+    from models import BACKWARDS, SOLVERS, make_config, model_spec
 
     models = _models_for(axes, where, notes)
     config = axes.get("config", {})

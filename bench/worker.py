@@ -47,8 +47,8 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
 def _import_everything(device: str, instruments: tuple[str, ...]) -> None:
     """Import what measuring imports lazily (model families, instruments, NVML, fake tensors),
     so that a memory limit applies to the case's own allocations, not to module loading."""
-    import torch._subclasses.fake_tensor  # noqa: F401
-    import torch.utils.flop_counter  # noqa: F401
+    import torch._subclasses.fake_tensor
+    import torch.utils.flop_counter
 
     import bench.env  # noqa: F401
     from bench.measure import default_instruments, make_instrument

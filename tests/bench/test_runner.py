@@ -67,7 +67,7 @@ def test_sigkill_then_resume_equals_a_clean_run(tmp_path, matrix_file):
     assert 2 <= len(partial) < 9 and set(partial["status"]) == {"ok"}
     before = set(partial["case_id"])
 
-    code, out, err = _finish(_deqbench(*args, "--out", str(killed), "--resume"))
+    code, _, err = _finish(_deqbench(*args, "--out", str(killed), "--resume"))
     assert code == 0, err
     resumed = read_results(killed)
     assert sorted(resumed["case_id"]) == sorted(full["case_id"])  # nothing twice, nothing lost
