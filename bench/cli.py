@@ -157,6 +157,11 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
     memory_limit = None if predict or args.memory_limit is None else parse_size(args.memory_limit)
     if memory_limit is not None and device != "cpu":
         raise BadInput("--memory-limit applies to CPU runs only (it limits the worker's address space)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BadInput(f"--threads must be >= 1, got {args.threads}")
+        matrix = dataclasses.replace(
+            matrix, settings=dataclasses.replace(matrix.settings, threads=args.threads))
     if args.only and not select_cases(matrix.cases, args.only):
         raise BadInput(f"--only {args.only!r} matches no case of {matrix.name}; "
                        f"`deqbench list` shows presets, case ids look like {matrix.cases[0].case_id}")
@@ -165,11 +170,6 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"{'predicting' if predict else 'running'} {matrix.name}: {len(matrix.cases)} cases on "
           f"{device} -> {out}", file=sys.stderr)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BadInput(f"--threads must be >= 1, got {args.threads}")
-        matrix = dataclasses.replace(
-            matrix, settings=dataclasses.replace(matrix.settings, threads=args.threads))
     options = RunOptions(device=device, memory_limit=memory_limit, instruments=instruments,
                          progress=not args.no_progress)
     run_matrix(matrix, out, options, resume=args.resume, only=args.only,

@@ -70,17 +70,17 @@ class _Worker:
         t0 = time.monotonic()
         try:
             self.conn.send(asdict(case))
-            if self.conn.poll(timeout_s):
+            answered = self.conn.poll(timeout_s)  # True on a row, and on EOF (a dead worker)
+        except OSError:  # the pipe broke: the worker is gone
+            answered = True
+        if answered:
+            with contextlib.suppress(EOFError, OSError):
                 return self.conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError):
-            pass
-        elapsed = time.monotonic() - t0
-        if self.process.is_alive():
-            self.kill()
-            return {"status": "timeout", "elapsed_s": elapsed,
-                    "error": f"no result within the {timeout_s:g} s case time limit"}
-        self.process.join(5)
-        return _death_row(self.process.exitcode, elapsed)
+            self.process.join(10)
+            return _death_row(self.process.exitcode, time.monotonic() - t0)
+        self.kill()
+        return {"status": "timeout", "elapsed_s": time.monotonic() - t0,
+                "error": f"no result within the {timeout_s:g} s case time limit"}
 
     def kill(self) -> None:
         if self.process.is_alive():

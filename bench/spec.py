@@ -19,7 +19,8 @@ A case is one model at one shape and phase. A matrix (TOML) lists axes whose val
 `fit_seconds` on `fit_data` and records its perplexity (bench.train): every model of a matrix gets
 the same budget, so DEQs and their baselines compare at equal steps or equal wall-clock.
 
-`model = [...]` may replace family x variant. DEQs have no depth and explicit models no solver or
+`model = [...]` may replace family x variant, and `config = { max_iter = 50 }` sets model config
+fields (not multiplied; checked against each model's config). DEQs have no depth and explicit models no solver or
 backward, so those axes do not multiply the cases they don't apply to. Untied explicit baselines
 are parameter-matched to their family's DEQ unless `settings.match_params = false`.
 """
@@ -45,6 +46,7 @@ else:  # pragma: no cover
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", "batch", "size",
         "mode", "phase")
+KEYS = (*AXES, "config")  # config: model config overrides, the same for every case of a sweep
 PHASES = ("train", "eval", "fit")
 MODES = ("core", "lm")
 
@@ -148,7 +150,7 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     _no_unknown(data, ("name", "description", "settings", "defaults", "sweep"), where)
     settings = _settings(data.get("settings", {}), where)
     defaults = data.get("defaults", {})
-    _no_unknown(defaults, AXES, f"{where} [defaults]")
+    _no_unknown(defaults, KEYS, f"{where} [defaults]")
     sweeps = data.get("sweep", [])
     if isinstance(sweeps, Mapping):
         sweeps = [sweeps]
@@ -157,8 +159,8 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     cases: list[Case] = []
     notes: list[str] = []
     for i, sweep in enumerate(sweeps):
-        _no_unknown(sweep, AXES, f"{where} [[sweep]] #{i + 1}")
-        axes = {**defaults, **sweep}
+        _no_unknown(sweep, KEYS, f"{where} [[sweep]] #{i + 1}")
+        axes = {**defaults, **sweep, "config": {**defaults.get("config", {}), **sweep.get("config", {})}}
         cases += _expand(axes, settings, f"{where} [[sweep]] #{i + 1}", notes)
     unique = tuple(dict.fromkeys(cases))  # keep order, drop repeats across sweeps
     if not unique:
@@ -200,10 +202,13 @@ def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
 
 
 def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: list[str]) -> list[Case]:
-    from models import BACKWARDS, SOLVERS, model_spec
+    from models import BACKWARDS, SOLVERS, make_config, model_spec
 
     models = _models_for(axes, where, notes)
-    lists = {k: _as_list(v) for k, v in axes.items() if k not in ("family", "variant", "model")}
+    config = axes.get("config", {})
+    if not isinstance(config, Mapping):
+        raise SpecError(f"{where}: config must be a table of model config fields")
+    lists = {k: _as_list(v) for k, v in axes.items() if k not in ("family", "variant", "model", "config")}
     for key in ("seq_len", "batch", "depth"):
         for v in lists.get(key, []):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -225,6 +230,11 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
             raise SpecError(f"{where}: explicit model {name} needs a depth axis")
         solvers = lists.get("solver", ["broyden"]) if spec.is_deq else [None]
         backwards = lists.get("backward", ["implicit"]) if spec.is_deq else [None]
+        for size in sizes:
+            try:
+                make_config(name, size, **dict(config))
+            except ValueError as err:
+                raise SpecError(f"{where}: config: {err}") from None
         for size, mode, phase, seq_len, batch, depth, solver, backward in itertools.product(
             sizes, lists.get("mode", ["core"]), lists.get("phase", ["train"]), lists["seq_len"],
             lists["batch"], depths, solvers, backwards,
@@ -234,8 +244,8 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
                 continue
             case = Case(model=name, family=spec.family, variant=spec.variant, size=size, mode=mode,
                         phase=phase, seq_len=seq_len, batch=batch, depth=depth, solver=solver,
-                        backward=backward)
-            if settings.match_params and spec.variant == "untied":
+                        backward=backward, overrides=tuple(sorted(config.items())))
+            if settings.match_params and spec.variant == "untied" and not config:
                 case = dataclasses.replace(case, overrides=_matched_overrides(case, notes))
             cases.append(case)
     return cases

@@ -7,10 +7,12 @@ with the exception's first line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -19,15 +21,15 @@ OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory
 
 def serve(conn: Connection, device: str, memory_limit: int | None, settings: dict[str, Any],
           instruments: tuple[str, ...]) -> None:
-    if memory_limit is not None:
-        _limit_address_space(memory_limit)
+    import torch
+
     from bench.spec import Case, RunSettings
 
     run_settings = RunSettings(**settings)
     if run_settings.threads is not None:
-        import torch
-
         torch.set_num_threads(run_settings.threads)
+    if memory_limit is not None:
+        _import_everything(device, instruments)
     while True:
         try:
             message = conn.recv()
@@ -37,21 +39,49 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
             return
         message["overrides"] = tuple(tuple(kv) for kv in message.get("overrides", ()))
         case = Case(**message)
-        conn.send(execute(case, device, run_settings, instruments))
+        with _address_space_limit(memory_limit):
+            row = execute(case, device, run_settings, instruments)
+        conn.send(row)
 
 
-def _limit_address_space(extra_bytes: int) -> None:
-    """Allow this process `extra_bytes` of address space beyond what torch's import mapped."""
-    # Map torch's libraries first, so the limit is on what the case itself adds.
-    import torch.nn.functional  # noqa: F401
+def _import_everything(device: str, instruments: tuple[str, ...]) -> None:
+    """Import what measuring imports lazily (model families, instruments, NVML, fake tensors),
+    so that a memory limit applies to the case's own allocations, not to module loading."""
+    import torch._subclasses.fake_tensor
+    import torch.utils.flop_counter
 
+    import bench.env  # noqa: F401
+    from bench.measure import default_instruments, make_instrument
+    from bench.measure.case import measure_case  # noqa: F401
+    from models import list_models
+
+    list_models()
+    for name in instruments or default_instruments(device):
+        make_instrument(name).available(torch.device(device))
+    # The first optimizer step imports torch._dynamo (sympy, mpmath, ...): take it now.
+    param = torch.zeros(1, requires_grad=True)
+    param.sum().backward()
+    torch.optim.Adam([param]).step()
+
+
+@contextlib.contextmanager
+def _address_space_limit(extra_bytes: int | None) -> Iterator[None]:
+    """While a case runs, allow `extra_bytes` of address space beyond what is mapped now; the
+    soft limit is lifted again afterwards (the hard limit never moves)."""
+    if extra_bytes is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     vm_size = 0
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmSize:"):
                 vm_size = int(line.split()[1]) * 1024
-    limit = vm_size + extra_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size + extra_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def is_oom(err: BaseException) -> bool:

@@ -18,6 +18,7 @@ Backward modes (registry `BACKWARDS`):
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +33,27 @@ from models.solvers import (
     solve,
 )
 from models.stats import ModelStats
+
+
+@dataclass(frozen=True, kw_only=True)
+class DEQSettings:
+    """The solver and gradient fields every DEQ model config shares (the benchmark's solver and
+    backward axes override them by these names)."""
+
+    solver: str = "broyden"
+    backward: str = "implicit"
+    max_iter: int = 30
+    tol: float = 1e-4
+    stop_mode: str = "rel"
+    b_solver: str | None = None  # None: same as solver
+    b_max_iter: int = 40
+    b_tol: float = 1e-6
+    phantom_steps: int = 1
+    phantom_tau: float = 1.0
+    # Solver memory: Broyden keeps this many (u, v) pairs (None: max_iter, i.e. all of them);
+    # Anderson mixes this many past iterates. Both are workspace the DEQ pays for.
+    broyden_memory: int | None = None
+    anderson_m: int = 5
 
 
 class DEQ:
@@ -70,6 +92,24 @@ class DEQ:
         self.b_solver_options = check_options(
             self.b_solver, b_solver_options if b_solver_options is not None
             else (solver_options if self.b_solver == self.solver else None)
+        )
+
+    @classmethod
+    def from_config(cls, config: DEQSettings) -> DEQ:
+        def options(solver: str) -> dict[str, float]:
+            if solver == "broyden" and config.broyden_memory is not None:
+                return {"memory": config.broyden_memory}
+            if solver == "anderson":
+                return {"m": config.anderson_m}
+            return {}
+
+        b_solver = config.b_solver or config.solver
+        return cls(
+            solver=config.solver, backward=config.backward, max_iter=config.max_iter,
+            tol=config.tol, stop_mode=config.stop_mode, b_solver=b_solver,
+            b_max_iter=config.b_max_iter, b_tol=config.b_tol, phantom_steps=config.phantom_steps,
+            phantom_tau=config.phantom_tau, solver_options=options(config.solver),
+            b_solver_options=options(b_solver),
         )
 
     def __repr__(self) -> str:

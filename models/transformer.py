@@ -37,7 +37,7 @@ from models.attention import (
     sinusoid,
 )
 from models.base import BenchModel
-from models.deq import DEQ
+from models.deq import DEQ, DEQSettings
 from models.registry import ModelSpec, register_model
 from models.stats import ModelStats
 
@@ -76,17 +76,8 @@ class TransformerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DEQTransformerConfig(TransformerConfig):
-    solver: str = "broyden"
-    backward: str = "implicit"
-    max_iter: int = 30
-    tol: float = 1e-4
-    stop_mode: str = "rel"
-    b_solver: str | None = None  # None: same as solver
-    b_max_iter: int = 35
-    b_tol: float = 1e-6
-    phantom_steps: int = 1
-    phantom_tau: float = 1.0
+class DEQTransformerConfig(DEQSettings, TransformerConfig):
+    b_max_iter: int = 35  # the language-model scripts' backward cap
     pretrain_depth: int = 2  # layers unrolled while model.pretrain is True
 
 
@@ -260,12 +251,7 @@ class DEQTransformer(TransformerModel):
     def __init__(self, config: DEQTransformerConfig, mode: str) -> None:
         super().__init__(config, mode)
         self.cell = TransformerCell(config, inject=True)
-        self.deq = DEQ(
-            solver=config.solver, backward=config.backward, max_iter=config.max_iter,
-            tol=config.tol, stop_mode=config.stop_mode, b_solver=config.b_solver,
-            b_max_iter=config.b_max_iter, b_tol=config.b_tol, phantom_steps=config.phantom_steps,
-            phantom_tau=config.phantom_tau,
-        )
+        self.deq = DEQ.from_config(config)
         self.pretrain = False  # True: unroll pretrain_depth layers of f instead of solving
 
     def core(self, x: Tensor, memory: SegmentMemory | None) -> tuple[Tensor, ModelStats]:

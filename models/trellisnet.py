@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import BenchModel
-from models.deq import DEQ
+from models.deq import DEQ, DEQSettings
 from models.registry import ModelSpec, register_model
 from models.stats import ModelStats
 
@@ -57,17 +57,7 @@ class TrellisNetShape:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DEQTrellisNetConfig(TrellisNetShape):
-    solver: str = "broyden"
-    backward: str = "implicit"
-    max_iter: int = 30
-    tol: float = 1e-4
-    stop_mode: str = "rel"
-    b_solver: str | None = None
-    b_max_iter: int = 40
-    b_tol: float = 1e-6
-    phantom_steps: int = 1
-    phantom_tau: float = 1.0
+class DEQTrellisNetConfig(DEQSettings, TrellisNetShape):
     pretrain_depth: int = 40  # tied layers unrolled while `model.pretrain` (the official scripts: 40)
 
 
@@ -235,12 +225,7 @@ class DEQTrellisNet(TrellisNetModel):
             raise ValueError(f"deq-trellisnet.pretrain_depth must be >= 1, got {config.pretrain_depth}")
         super().__init__(config, mode)
         self.pretrain = False  # set by the trainer for the first steps; applies in train and eval
-        self.deq = DEQ(
-            solver=config.solver, backward=config.backward, max_iter=config.max_iter,
-            tol=config.tol, stop_mode=config.stop_mode, b_solver=config.b_solver,
-            b_max_iter=config.b_max_iter, b_tol=config.b_tol,
-            phantom_steps=config.phantom_steps, phantom_tau=config.phantom_tau,
-        )
+        self.deq = DEQ.from_config(config)
 
     def realise(self, layer: Step, z0: Tensor) -> tuple[Tensor, ModelStats]:
         if self.pretrain:

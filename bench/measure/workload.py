@@ -132,6 +132,7 @@ class Bench:
             shape = (w.batch, w.seq_len, config.d_model)
             self.inputs = torch.randn(shape, generator=generator).to(self.device, dtype)  # (B, T, d)
         self._generator = generator
+        self.memory: Any = None  # segment state of the last step (models with mem_len > 0)
         self.steps = 0
 
     @property
@@ -139,8 +140,9 @@ class Bench:
         return self.workload.tokens
 
     def state(self) -> tuple[Any, ...]:
-        """Everything that lives across steps: model, optimizer state, inputs, targets."""
-        return (self.model, self.optimizer, self.inputs, self.targets)
+        """Everything that lives across steps: model, optimizer state, inputs, targets, and the
+        segment memory a Transformer-XL-style model carries to the next step."""
+        return (self.model, self.optimizer, self.inputs, self.targets, self.memory)
 
     def step(self) -> ModelStats:
         if self.optimizer is None:
@@ -191,10 +193,16 @@ class Bench:
         return sum(p.numel() for p in self.model.parameters())
 
     def _loss(self) -> tuple[Tensor, ModelStats]:
+        # Segment memory (mem_len > 0) is carried from step to step, as in training, so a
+        # measured step after warm-up attends to a full memory (the paper's tgt 150 + mem 150).
+        memory = {} if self.memory is None else {"memory": self.memory}
         if self.targets is None:  # first core-mode step: the output's width is the model's business
-            output, stats = self.model(self.inputs)
+            output, stats = self.model(self.inputs, **memory)
             self.targets = torch.randn(output.shape, generator=self._generator).to(
                 device=self.device, dtype=output.dtype
             )
-            return self.model.loss(output, self.targets), stats
-        return self.model(self.inputs, targets=self.targets)
+            loss = self.model.loss(output, self.targets)
+        else:
+            loss, stats = self.model(self.inputs, targets=self.targets, **memory)
+        self.memory = stats.memory
+        return loss, stats

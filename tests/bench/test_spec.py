@@ -26,6 +26,14 @@ def test_case_id_and_model_kwargs(toy_models):
     assert by_model["toy-tied"].model_kwargs() == {"depth": 3}
 
 
+def test_config_table_sets_model_fields_on_every_case(toy_models):
+    m = parse_matrix({"defaults": {"seq_len": 8, "batch": 2, "config": {"max_iter": 7}},
+                      "sweep": [{"model": "toy-deq", "config": {"tol": 0.001}}]})
+    (case,) = m.cases
+    assert case.overrides == (("max_iter", 7), ("tol", 0.001))
+    assert case.case_id.endswith("/max_iter=7/tol=0.001")
+
+
 def test_missing_family_variant_combination_is_noted(toy_models):
     m = parse_matrix(matrix(family="toy", variant=["deq", "ckpt"], depth=2))
     assert [c.model for c in m.cases] == ["toy-deq"]
@@ -47,6 +55,8 @@ def test_missing_family_variant_combination_is_noted(toy_models):
         ({**matrix(family="toy", depth=2), "settings": {"repeats": 0}}, "repeats must be a positive integer"),
         ({**matrix(family="toy", depth=2), "settings": {"timeout": 3}}, r"unknown key\(s\) \['timeout'\]"),
         (matrix(family="toy", model="toy-deq"), "either model or family/variant"),
+        (matrix(model="toy-deq", config={"max_iters": 5}), r"config: toy-deq has no config field\(s\) \['max_iters'\]"),
+        (matrix(model="toy-deq", config={"max_iter": "many"}), "config: toy-deq.max_iter must be int"),
     ],
 )
 def test_bad_matrix_says_what_and_lists_valid(toy_models, data, message):

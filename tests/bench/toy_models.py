@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from models import DEQ, ModelSpec, ModelStats, register_model
 from models.base import BenchModel
+from models.deq import DEQSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,20 +21,12 @@ class ToyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ToyDEQConfig:
+class ToyDEQConfig(DEQSettings):
     d_model: int = 16
     vocab_size: int = 50
     dropout: float = 0.0
-    solver: str = "broyden"
-    backward: str = "implicit"
     max_iter: int = 20
-    tol: float = 1e-4
-    stop_mode: str = "rel"
-    b_solver: str | None = None
     b_max_iter: int = 20
-    b_tol: float = 1e-6
-    phantom_steps: int = 1
-    phantom_tau: float = 1.0
     pretrain_depth: int = 2
     blowup: bool = False  # a non-contractive cell, to exercise the diverged status
 
@@ -69,10 +62,7 @@ class ToyTied(_Toy):
 class ToyDEQ(_Toy):
     def __init__(self, config, mode):
         super().__init__(config, mode)
-        c = config
-        self.deq = DEQ(solver=c.solver, backward=c.backward, max_iter=c.max_iter, tol=c.tol,
-                       stop_mode=c.stop_mode, b_solver=c.b_solver, b_max_iter=c.b_max_iter,
-                       b_tol=c.b_tol)
+        self.deq = DEQ.from_config(config)
 
     def forward(self, x, targets=None, memory=None):
         u = self._in(x)

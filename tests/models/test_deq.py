@@ -149,3 +149,15 @@ def test_unrolled_memory_grows_linearly_with_iterations():
     assert per_iter >= B * T * HIDDEN * 4  # at least the hidden activation of every iteration
     implicit, _ = _train_step_peak(DEQ(max_iter=40, tol=0.0))
     assert peaks[40] > 3 * implicit
+
+
+def test_from_config_passes_solver_memory_options():
+    from models.deq import DEQSettings
+
+    deq = DEQ.from_config(DEQSettings(solver="broyden", b_solver="anderson", broyden_memory=6, anderson_m=3))
+    assert deq.solver_options == {"memory": 6} and deq.b_solver_options == {"m": 3}
+    f, z0, _, _ = contraction(dtype=torch.float32)
+    _, few = DEQ.from_config(DEQSettings(broyden_memory=4, max_iter=30, tol=0.0)).solve_forward(f, z0)
+    _, all_ = DEQ.from_config(DEQSettings(max_iter=30, tol=0.0)).solve_forward(f, z0)
+    history = 2 * z0.numel() * 4  # one (u, v) pair of (B, D) float32
+    assert all_.workspace_bytes - few.workspace_bytes == (30 - 4) * history

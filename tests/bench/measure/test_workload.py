@@ -85,3 +85,18 @@ def test_bench_builds_in_the_requested_dtype(toys):
     bench.warm_up()
     assert bench.targets.dtype == torch.bfloat16
     assert torch.get_default_dtype() == torch.float32  # restored after the build
+
+
+def test_segment_memory_is_carried_from_step_to_step():
+    """Transformer-XL training attends to the previous segment: after warm-up the measured step
+    must see a full memory, or mem_len would change nothing in a benchmark."""
+    from bench.measure.workload import Bench, Workload
+
+    bench = Bench(Workload(model="deq-transformer", overrides=(("mem_len", 16),), seq_len=8))
+    assert bench.memory is None
+    bench.step()
+    first = bench.memory
+    assert first is not None and first.states.shape[1] == 8  # one segment so far
+    bench.step()
+    assert bench.memory.states.shape[1] == 16  # full memory of mem_len positions
+    assert not bench.memory.states.requires_grad
