@@ -719,6 +719,38 @@ def fit_case(case: Any, device: str, settings: Any, instruments: tuple[str, ...]
     }
 
 
+# -- tables of runs -------------------------------------------------------------------------------
+RUN_COLUMNS = ("model", "size", "depth", "data", "train_split", "test_split", "steps", "batch",
+               "seq_len", "lr", "params", "params_nonembed", "train_s", "tokens_per_s",
+               "step_s_median", "peak_bytes", "memory_source", "nfe_forward", "nfe_backward",
+               "train_ppl", "valid_ppl", "test_ppl", "unigram_ppl", "optimal_ppl", "status",
+               "device_name", "run", "command")
+
+
+def summarize_runs(run_dirs: list[str | Path]):
+    """One row per finished `deqbench train` directory (from its train.json): a table to compare
+    runs or to commit as reference numbers."""
+    import pandas as pd
+
+    rows = []
+    for run in map(Path, run_dirs):
+        summary = json.loads((run / SUMMARY).read_text())
+        config, result = summary["config"], summary["result"]
+        env = summary.get("env") or {}
+        rows.append({
+            **{k: config.get(k) for k in ("model", "size", "depth", "data", "train_split",
+                                           "test_split", "batch", "seq_len", "lr")},
+            **{k: result.get(k) for k in ("params", "params_nonembed", "train_s", "tokens_per_s",
+                                           "step_s_median", "peak_bytes", "memory_source",
+                                           "nfe_forward", "nfe_backward", "valid_ppl", "test_ppl",
+                                           "unigram_ppl", "optimal_ppl", "status", "steps")},
+            "train_ppl": _exp(result["train_loss"]) if result.get("train_loss") is not None else None,
+            "device_name": env.get("device_name"), "run": str(run),
+            "command": " ".join(summary.get("command") or []) or None,
+        })
+    return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+
+
 # -- figures --------------------------------------------------------------------------------------
 def plot_training(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """Training curves as PNG: perplexity against step and against training seconds.

@@ -19,12 +19,14 @@ from bench.train import (
     CHECKPOINT,
     LOG,
     LOG_COLUMNS,
+    RUN_COLUMNS,
     SUMMARY,
     TrainConfig,
     Trainer,
     fit_case,
     lr_factor,
     plot_training,
+    summarize_runs,
 )
 from bench.worker import execute
 from tests.bench.wikitext import WIKITEXT2
@@ -144,6 +146,10 @@ def test_train_log_summary_and_checkpoint(tmp_path):
     assert (tmp_path / CHECKPOINT).exists()
     assert plot_training(tmp_path) == [tmp_path / "figures" / "training.png"]
     assert (tmp_path / "figures" / "training.png").stat().st_size > 0
+    table = summarize_runs([tmp_path])
+    assert list(table.columns) == list(RUN_COLUMNS)
+    assert table.loc[0, "test_ppl"] == pytest.approx(out.test_ppl)
+    assert table.loc[0, "train_ppl"] == pytest.approx(float(rows[-1]["ppl"]))
 
 
 def test_evaluating_does_not_change_the_training_run(tmp_path):
