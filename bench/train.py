@@ -173,6 +173,7 @@ class Outcome:
     step_s_iqr: float | None
     peak_bytes: int | None
     memory_source: str | None
+    memory_steps: list[int]  # tracked: the sampled steps; torch_cuda: the log rows' last steps
     nfe_forward: float | None
     nfe_backward: float | None
     residual_forward: float | None
@@ -215,7 +216,7 @@ class Trainer:
         self.step_times: list[float] = []
         self.curve: list[tuple[int, float, float]] = []
         self.last_valid: tuple[float, float] | None = None
-        self.peaks: list[int] = []
+        self.peaks: list[tuple[int, int]] = []  # (step, peak bytes): tracked steps or log rows
         self.uses_memory = False
         self.solving_since: int | None = None  # first step that solved (DEQs after pretraining)
         self.status = "ok"
@@ -261,7 +262,7 @@ class Trainer:
             "elapsed": self.elapsed, "memory": pack_memory(self.memory), "rng": rng,
             "sums": dataclasses.asdict(self.sums), "step_times": self.step_times,
             "curve": [list(p) for p in self.curve], "last_valid": self.last_valid,
-            "peaks": self.peaks, "uses_memory": self.uses_memory,
+            "peaks": [list(p) for p in self.peaks], "uses_memory": self.uses_memory,
             "solving_since": self.solving_since,
         }
 
@@ -275,7 +276,7 @@ class Trainer:
         self.step_times = list(s["step_times"])
         self.curve = [tuple(p) for p in s["curve"]]
         self.last_valid = tuple(s["last_valid"]) if s["last_valid"] is not None else None
-        self.peaks = list(s["peaks"])
+        self.peaks = [tuple(p) for p in s["peaks"]]
         self.uses_memory = s["uses_memory"]
         self.solving_since = s["solving_since"]
         torch.set_rng_state(s["rng"]["torch"])
@@ -408,7 +409,7 @@ class Trainer:
             self.step_times.append(seconds)
         else:
             s.peak_bytes = max(s.peak_bytes or 0, counter.peak_bytes)
-            self.peaks.append(counter.peak_bytes)
+            self.peaks.append((self.step, counter.peak_bytes))
         s.add_stat("pretrain", float(pretrain))
         for name in ("nfe_forward", "nfe_backward", "residual_forward", "residual_backward"):
             s.add_stat(name, getattr(stats, name))
@@ -467,7 +468,7 @@ class Trainer:
         peak = s.peak_bytes
         if self.memory_source == "torch_cuda":  # read before evaluating: training steps only
             peak = torch.cuda.max_memory_allocated(self.device)
-            self.peaks.append(peak)
+            self.peaks.append((self.step, peak))
         valid = None
         if validate and self.corpus.valid is not None:
             valid = self.evaluate(self.corpus.valid)
@@ -530,8 +531,9 @@ class Trainer:
             unigram_ppl=self.corpus.unigram_ppl("test") if self.corpus.test is not None else None,
             tokens_per_s=tokens * len(times) / sum(times) if times else None,
             step_s_median=median, step_s_iqr=iqr,
-            peak_bytes=max(self.peaks) if self.peaks else None,
+            peak_bytes=max(b for _, b in self.peaks) if self.peaks else None,
             memory_source=self.memory_source if self.peaks else None,
+            memory_steps=[step for step, _ in self.peaks],
             nfe_forward=last.get("nfe_forward"), nfe_backward=last.get("nfe_backward"),
             residual_forward=last.get("residual_forward"),
             residual_backward=last.get("residual_backward"),
@@ -1014,7 +1016,9 @@ def summary_lines(trainer: Trainer, o: Outcome) -> list[str]:
     if o.status == "diverged":
         lines.append(f"DIVERGED at step {o.steps}: the training loss or gradient is not finite")
     speed = f"{o.tokens_per_s:,.0f} tokens/s" if o.tokens_per_s else "—"
-    peak = (f"peak {o.peak_bytes / 1e6:,.1f} MB ({o.memory_source})" if o.peak_bytes
+    where = (f" on steps {', '.join(map(str, o.memory_steps))}" if o.memory_source == "tracked"
+             else " over all steps" if o.memory_source else "")
+    peak = (f"peak {o.peak_bytes / 1e6:,.1f} MB ({o.memory_source}{where})" if o.peak_bytes
             else "peak memory not measured")
     nfe = f"; NFE {o.nfe_forward:.1f} forward / {o.nfe_backward or 0:.1f} backward" if o.nfe_forward else ""
     lines.append(f"{o.steps} steps in {o.train_s:,.1f} s of training: {speed}; {peak}{nfe}")

@@ -174,7 +174,7 @@ def test_memory_is_carried_between_segments(tmp_path):
 
 def test_wall_clock_budget_stops_the_run_and_ends_the_schedule():
     config = TrainConfig(model="transformer-tied", steps=100_000, max_seconds=1.0, batch=4,
-                         seq_len=8, warmup=0, threads=1)
+                         seq_len=8, warmup=0, threads=1, data="synthetic:tokens=5000,eval_tokens=1000")
     trainer = Trainer(config, None)
     out = trainer.run()
     assert out.status == "ok" and 1 < out.steps < 100_000
@@ -298,7 +298,7 @@ def test_fit_case_is_a_results_row_with_perplexity(tmp_path):
 def test_fit_cases_with_a_time_budget():
     case = Case(model="transformer-tied", family="transformer", variant="tied", mode="lm",
                 phase="fit", seq_len=8, batch=4, depth=2)
-    row = fit_case(case, "cpu", RunSettings(fit_seconds=0.5, fit_data="synthetic:tokens=5000"))
+    row = fit_case(case, "cpu", RunSettings(fit_seconds=0.5, fit_data="synthetic:tokens=5000,eval_tokens=1000"))
     assert row["status"] == "ok" and 0.5 <= row["train_s"] < 2.0 and row["train_steps"] > 1
 
 
