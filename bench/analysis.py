@@ -148,7 +148,7 @@ def quality_table(df: pd.DataFrame) -> pd.DataFrame:
     `gap` = valid / best achievable - 1 where the corpus's optimum is known (synthetic)."""
     if df.empty or "valid_ppl" not in df or "phase" not in df:
         return pd.DataFrame()
-    fit = df[df["phase"] == "fit"]
+    fit = df[(df["phase"] == "fit") & df["train_steps"].notna()]  # not `deqbench predict` rows
     if fit.empty:
         return pd.DataFrame()
     out = fit[["family", "model", "variant", "depth", "solver", "backward", "seq_len", "batch",
