@@ -264,8 +264,8 @@ def test_wikitext2_both_models_end_well_below_unigram(tmp_path):
     results = {}
     for model in ("deq-transformer", "transformer"):
         config = TrainConfig(model=model, data=str(WIKITEXT2), train_split="valid",
-                             valid_split=None, test_split="test", steps=300, lr=5e-3, warmup=20,
-                             eval_tokens=40_000, log_every=50, threads=1)
+                             valid_split=None, test_split="test", steps=1000, lr=5e-3, warmup=50,
+                             eval_tokens=50_000, log_every=100, threads=1)
         results[model] = Trainer(config, None).run()
     unigram = load_corpus(str(WIKITEXT2), Splits("valid", None, "test")).unigram_ppl("test")
     for model, out in results.items():
