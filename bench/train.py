@@ -550,6 +550,7 @@ class Trainer:
 
         summary = {
             "config": self.config.to_json(),
+            "model_config": dataclasses.asdict(self.model.config),
             "corpus": {"name": self.corpus.name, "files": self.corpus.files,
                        "vocab_size": self.corpus.vocab_size,
                        "tokens": {r: len(s) for r in ("train", "valid", "test")
@@ -743,6 +744,7 @@ def summarize_runs(run_dirs: list[str | Path]):
         rows.append({
             **{k: config.get(k) for k in ("model", "size", "depth", "data", "train_split",
                                            "test_split", "batch", "seq_len", "lr")},
+            "depth": summary.get("model_config", {}).get("depth", config.get("depth")),
             **{k: result.get(k) for k in ("params", "params_nonembed", "train_s", "tokens_per_s",
                                            "step_s_median", "peak_bytes", "memory_source",
                                            "nfe_forward", "nfe_backward", "valid_ppl", "test_ppl",
@@ -755,22 +757,22 @@ def summarize_runs(run_dirs: list[str | Path]):
 
 
 # -- figures --------------------------------------------------------------------------------------
-def plot_training(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+def plot_training(run_dir: str | Path | list[str | Path], out: str | Path | None = None) -> list[Path]:
     """Training curves as PNG: perplexity against step and against training seconds.
 
-    `run_dir` is a `deqbench train` directory (train_log.csv) or a benchmark run whose
-    results.csv has fit rows (their `train_curve`); figures go to `out` (default run_dir/figures).
-    Returns the files written (none when there is no training data)."""
+    `run_dir` is a `deqbench train` directory (train_log.csv), a benchmark run whose results.csv
+    has fit rows (their `train_curve`), or a list of these drawn together; figures go to `out`
+    (default: the first directory's figures/). Returns the files written (none without data)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    curves = _curves(run_dir)
+    run_dirs = [Path(d) for d in run_dir] if isinstance(run_dir, list) else [Path(run_dir)]
+    curves = {label: c for d in run_dirs for label, c in _curves(d).items()}
     if not curves:
         return []
-    out = Path(out) if out is not None else run_dir / "figures"
+    out = Path(out) if out is not None else run_dirs[0] / "figures"
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for label, c in curves.items():
@@ -779,6 +781,9 @@ def plot_training(run_dir: str | Path, out: str | Path | None = None) -> list[Pa
             if c.get("valid_ppl"):
                 vx = c["valid_step"] if ax is axes[0] else c["valid_elapsed_s"]
                 ax.plot(vx, c["valid_ppl"], "o", color=line.get_color(), label=f"{label} (valid)")
+            if c.get("test_ppl"):
+                ax.plot(x[-1:], [c["test_ppl"]], "x", color=line.get_color(), markersize=9,
+                        label=f"{label} (test, end)")
     optimum = next((c["optimal_ppl"] for c in curves.values() if c.get("optimal_ppl")), None)
     for ax, xlabel in zip(axes, ("step", "training seconds"), strict=True):
         if optimum:
@@ -810,6 +815,7 @@ def _curves(run_dir: Path) -> dict[str, dict[str, Any]]:
             "ppl": log["ppl"].tolist(), "valid_step": valid["step"].tolist(),
             "valid_elapsed_s": valid["elapsed_s"].tolist(), "valid_ppl": valid["valid_ppl"].tolist(),
             "optimal_ppl": summary.get("result", {}).get("optimal_ppl"),
+            "test_ppl": summary.get("result", {}).get("test_ppl"),
         }}
     from bench.results import RESULTS, read_results
 
@@ -1021,7 +1027,9 @@ def summary_lines(trainer: Trainer, o: Outcome) -> list[str]:
              else " over all steps" if o.memory_source else "")
     peak = (f"peak {o.peak_bytes / 1e6:,.1f} MB ({o.memory_source}{where})" if o.peak_bytes
             else "peak memory not measured")
-    nfe = f"; NFE {o.nfe_forward:.1f} forward / {o.nfe_backward or 0:.1f} backward" if o.nfe_forward else ""
+    nfe = f"; NFE {o.nfe_forward:.1f} forward" if o.nfe_forward else ""
+    if o.nfe_forward and o.nfe_backward is not None:
+        nfe += f" / {o.nfe_backward:.1f} backward"
     lines.append(f"{o.steps} steps in {o.train_s:,.1f} s of training: {speed}; {peak}{nfe}")
     ppl = [f"train {_exp(o.train_loss):.3f}" if o.train_loss is not None else None,
            f"valid {o.valid_ppl:.3f}" if o.valid_ppl else None,

@@ -157,6 +157,9 @@ def test_evaluating_does_not_change_the_training_run(tmp_path):
     evaluated = Trainer(TrainConfig(**{**TINY_DEQ, "eval_every": 2}), tmp_path / "b").run()
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert quiet.valid_ppl == evaluated.valid_ppl
+    # several runs in one figure
+    assert plot_training([tmp_path / "a", tmp_path / "b"], out=tmp_path / "figs") == [
+        tmp_path / "figs" / "training.png"]
 
 
 def test_memory_is_carried_between_segments(tmp_path):
