@@ -724,7 +724,7 @@ def fit_case(case: Any, device: str, settings: Any, instruments: tuple[str, ...]
 
 
 # -- tables of runs -------------------------------------------------------------------------------
-RUN_COLUMNS = ("model", "size", "depth", "data", "train_split", "test_split", "steps", "batch",
+RUN_COLUMNS = ("model", "size", "depth", "overrides", "data", "train_split", "test_split", "steps", "batch",
                "seq_len", "lr", "params", "params_nonembed", "train_s", "tokens_per_s",
                "step_s_median", "peak_bytes", "memory_source", "nfe_forward", "nfe_backward",
                "train_ppl", "valid_ppl", "test_ppl", "unigram_ppl", "optimal_ppl", "status",
@@ -745,6 +745,7 @@ def summarize_runs(run_dirs: list[str | Path]):
             **{k: config.get(k) for k in ("model", "size", "depth", "data", "train_split",
                                            "test_split", "batch", "seq_len", "lr")},
             "depth": summary.get("model_config", {}).get("depth", config.get("depth")),
+            "overrides": json.dumps(dict(config.get("overrides") or [])) if config.get("overrides") else None,
             **{k: result.get(k) for k in ("params", "params_nonembed", "train_s", "tokens_per_s",
                                            "step_s_median", "peak_bytes", "memory_source",
                                            "nfe_forward", "nfe_backward", "valid_ppl", "test_ppl",
