@@ -55,7 +55,9 @@ VARIANT_LABELS = {
     "hf": "HF GPT-2",
 }
 SOLVER_COLORS = {"broyden": "#8c564b", "anderson": "#e377c2", "fixed_point": "#17becf"}
-FAMILY_MARKERS = {"transformer": "o", "trellisnet": "s"}
+FAMILY_MARKERS = {"transformer": "o", "trellisnet": "s"}  # where families share a panel
+# within a family's panel: lines that nearly coincide still show both markers
+VARIANT_MARKERS = {"deq": "o", "untied": "v", "tied": "s", "ckpt": "D", "hf": "^"}
 STYLES = ("-", "--", ":", "-.")  # one per value of the axis not on x (largest first)
 SOURCE_LABELS = {
     "torch_cuda": "torch.cuda max allocated",
@@ -235,10 +237,13 @@ def _source_label(rows: pd.DataFrame) -> str:
 
 
 def _bytes_axis(ax, axis: str = "y") -> None:
+    """Byte labels (500 kB, 2 MB) at 1-2-5 steps, or at decades when the range is wide."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    wide = lo > 0 and math.log10(hi / lo) > 2.5
+    target.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
     target.set_major_formatter(FuncFormatter(lambda v, _: _short_bytes(v)))
     target.set_minor_formatter(NullFormatter())
 
@@ -360,7 +365,7 @@ def _memory_vs(run: Run, x: str) -> tuple[Any, str, list[str]]:
             _memory_panel(ax, rows, x, other, xs, slope=phase == "train")
             ax.set_title(f"{family}, {phase}")
             ax.set_xlabel("sequence length T" if x == "seq_len" else "explicit depth L (layers)")
-            ax.set_ylabel(f"peak memory ({_source_label(rows)})" if j == 0 else "")
+            ax.set_ylabel(f"peak memory\n({_source_label(rows)})" if j == 0 else "")
     _figure_legend(fig, axes)
     what = "Peak memory vs sequence length" if x == "seq_len" else "Peak memory vs depth"
     fig.suptitle(run.title(what, df))
@@ -401,8 +406,10 @@ def _memory_panel(ax, rows: pd.DataFrame, x: str, other: str, xs: list[float], *
             points = (tuple(ok[x]), tuple(ok["peak_bytes"]))
             same = sum(1 for d in drawn if d == points)
             drawn.append(points)
-            ax.plot(ok[x], ok["peak_bytes"], style, marker=FAMILY_MARKERS.get(r.family, "o"),
-                    markersize=4 + 3.5 * same, fillstyle="full" if same == 0 else "none",
+            # explicit markers hollow: one that nearly covers another still shows its outline
+            filled = same == 0 and r.variant == "deq"
+            ax.plot(ok[x], ok["peak_bytes"], style, marker=VARIANT_MARKERS.get(r.variant, "o"),
+                    markersize=5 + 3.5 * same, fillstyle="full" if filled else "none",
                     markeredgewidth=1.2, color=color, label=label, zorder=3 - 0.1 * same)
             diverged = ok[ok["status"] == "diverged"]
             if not diverged.empty:
@@ -462,6 +469,8 @@ def reduction(run: Run) -> tuple[Any, str, list[str]]:
     ratio = train["deq_peak_bytes"] / train["baseline_peak_bytes"]
     train = train.assign(ratio=ratio.where(train["reduction"].notna()))
     paper_on = "depth" if "depth" in axes_x else None
+    kinds: dict[str, Any] = {}  # legend: colours, then markers, then line styles
+    markers: dict[str, Any] = {}
     legend: dict[str, Any] = {}
     for ax, x in zip(axes[0], axes_x, strict=True):
         other = "seq_len" if x == "depth" else "depth"
@@ -475,9 +484,9 @@ def reduction(run: Run) -> tuple[Any, str, list[str]]:
                     markersize=5, color=color)
             for s in g[g["ratio"].isna()].itertuples():
                 _mark_failed(ax, getattr(s, x), f"baseline {s.baseline_status}", color)
-            legend.setdefault(f"vs {VARIANT_LABELS.get(r.baseline_variant, r.baseline_variant)}",
-                              Line2D([], [], color=color, linewidth=2))
-            legend.setdefault(f"{r.family} (marker)", Line2D(
+            kinds.setdefault(f"vs {VARIANT_LABELS.get(r.baseline_variant, r.baseline_variant)}",
+                             Line2D([], [], color=color, linewidth=2))
+            markers.setdefault(f"{r.family} (marker)", Line2D(
                 [], [], color="black", marker=FAMILY_MARKERS.get(r.family, "o"), linestyle="none"))
         if len(styles) > 1:
             for v, style in sorted(styles.items()):
@@ -488,9 +497,13 @@ def reduction(run: Run) -> tuple[Any, str, list[str]]:
                 transform=ax.get_yaxis_transform())
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.text(0.01, 1.0, "0%: no saving", va="bottom", fontsize=8, transform=ax.get_yaxis_transform())
-        ticks = sorted(set(train[x].dropna()) | ({p.baseline_depth for p in PAIRS} if x == paper_on else set()))
+        ticks = set(train[x].dropna())
+        if x == paper_on:  # the paper's depths too, where they don't crowd the run's own ticks
+            ticks |= {d for d in (p.baseline_depth for p in PAIRS)
+                      if all(max(d, t) / min(d, t) > 1.25 for t in ticks)}
         _int_log_axis(ax, ticks)
-        ax.set_xlabel("explicit depth L (layers)" if x == "depth" else "sequence length T")
+        fixed = f" (all at {'T' if other == 'seq_len' else 'L'}={next(iter(styles)):.0f})" if len(styles) == 1 else ""
+        ax.set_xlabel(("explicit depth L (layers)" if x == "depth" else "sequence length T") + fixed)
         ax.set_ylabel("memory reduction 1 − DEQ/explicit peak\n(log scale of DEQ/explicit)")
         ax.grid(True, alpha=0.3)
         if x == paper_on:
@@ -505,6 +518,7 @@ def reduction(run: Run) -> tuple[Any, str, list[str]]:
         ax.set_yscale("log")
         ax.set_ylim(hi, lo)  # inverted: more saving is higher
         _reduction_ticks(ax, lo, hi)
+    legend = {**dict(sorted(kinds.items())), **markers, **legend}
     fig.legend(legend.values(), legend.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(run.title("Memory reduction of the DEQ, training step", train))
     fig.tight_layout()
@@ -754,7 +768,7 @@ def _speed_panel(ax, rows: pd.DataFrame, x: str, other: str) -> None:
                        linewidth=2, label=label)
             continue
         ax.plot(g[x], g["tokens_per_s"], styles.get(r[other], "-") if pd.notna(r[other]) else "-",
-                marker="o", markersize=4, color=color, label=label)
+                marker=VARIANT_MARKERS.get(r.variant, "o"), markersize=4, color=color, label=label)
     ax.set_yscale("log")
     _count_axis(ax)
     if xs:
@@ -798,8 +812,9 @@ def _slowdown_panel(ax, p: pd.DataFrame, family: str) -> None:
     if paper:
         for phase, style in (("train", "--"), ("eval", ":")):
             ax.axhline(paper[phase], color="black", linestyle=style, linewidth=1)
-            ax.text(0.01, paper[phase], f"paper {phase} {paper[phase]:.2f}×",
-                    transform=ax.get_yaxis_transform(), fontsize=7, va="bottom")
+            ax.text(0.99, paper[phase], f"paper {phase} {paper[phase]:.2f}×",
+                    transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", ha="right",
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "alpha": 0.7, "linewidth": 0})
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -866,10 +881,14 @@ def memory_breakdown(run: Run) -> tuple[Any, str, list[str]]:
             ax.barh(labels, width, left=left.values / scale, label=name, linewidth=0.5, **style)
             left = left + seg
         for y, (peak, total) in enumerate(zip(rows["peak_bytes"], left, strict=True)):
-            ax.text(total / scale, y, f" peak {format_bytes(peak)}", va="center", fontsize=7)
+            # the bar ends at the peak, or (GPU) at what the allocator / the process held
+            text = f" peak {format_bytes(peak)}" + (f", bar {format_bytes(total)}" if total > peak else "")
+            ax.text(total / scale, y, text, va="center", fontsize=7)
         ax.invert_yaxis()
         ax.set_xlim(0, left.max() / scale * 1.25)
-        ax.set_xlabel(f"{unit} ({_source_label(rows)})")
+        beyond = " and NVML process memory" if nvml else ""
+        ax.set_xlabel(f"{unit} (peak: {_source_label(rows)}"
+                      + (f"; then the allocator's reserve{beyond})" if gpu or nvml else ")"))
         ax.set_title(f"{family}, {phase}, T={rows['seq_len'].iloc[0]:.0f}")
         ax.grid(True, axis="x", alpha=0.3)
     handles, names = axes[0, 0].get_legend_handles_labels()
@@ -954,22 +973,29 @@ LOG = "train_log.csv"  # written by `deqbench train` (bench/train.py)
 
 
 def training_curves(run: Run) -> tuple[Any, str, list[str]]:
+    """Each train_log.csv (bench/train.py's LOG_COLUMNS) against the training step."""
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
     curves = _training_logs(run.dir)
     if not curves:
         raise _Skip("no training results in this run (train_log.csv from `deqbench train`)")
     plt = _pyplot()
-    panels = [("ppl", "perplexity (train; ○ validation)", "log"), ("tokens_per_s", "tokens / s", "linear"),
-              ("peak_bytes", "peak memory", "linear"), ("nfe", "NFE (— forward, -- backward)", "linear"),
-              ("residual", "residual (— forward, -- backward)", "log")]
-    fig, axes = _grid(plt, 1, len(panels), width=3.6, height=3.4)
+    panels = [("ppl", "perplexity (line: train; ○: validation)", "log"),
+              ("tokens_per_s", "tokens / s (training steps)", "linear"),
+              ("peak_bytes", "peak memory", "linear"),
+              ("nfe", "NFE (solid: forward, dashed: backward)", "linear"),
+              ("residual", "residual (solid: forward, dashed: backward)", "log")]
+    fig, axes = _grid(plt, 2, 3, width=4.2, height=3.2)
+    flat = list(axes.flat)
     notes = []
+    pretrain_shaded = False
     for label, log, variant in curves:
         color = VARIANT_COLORS.get(variant or "")
         missing = [c for c in ("step", "ppl") if c not in log]
         if missing:
             notes.append(f"training log {label}: no {', '.join(missing)} column; not drawn")
             continue
-        for ax, (key, ylabel, scale) in zip(axes[0], panels, strict=True):
+        for ax, (key, ylabel, scale) in zip(flat, panels, strict=False):
             if key == "ppl":
                 (line,) = ax.plot(log["step"], log["ppl"], color=color, label=label)
                 color = line.get_color()
@@ -985,21 +1011,31 @@ def training_curves(run: Run) -> tuple[Any, str, list[str]]:
             elif key in log and log[key].notna().any():
                 v = log[log[key].notna()]
                 ax.plot(v["step"], v[key], ".-", color=color)
+            if "pretrain" in log and (log["pretrain"] > 0).any():  # DEQ unrolling tied layers
+                last = log.loc[log["pretrain"] > 0, "step"].max()
+                ax.axvspan(0, last, color="grey", alpha=0.12, linewidth=0,
+                           label=None if pretrain_shaded else "pretraining (unrolled, no solve)")
+                pretrain_shaded = True
             ax.set_yscale(scale)
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-    if "memory_source" in curves[0][1]:
-        sources = sorted(set().union(*(set(c[1]["memory_source"].dropna()) for c in curves if "memory_source" in c[1])))
-        axes[0, 2].set_ylabel(f"peak memory ({', '.join(SOURCE_LABELS.get(s, s) for s in sources) or '?'})")
-    from matplotlib.ticker import FuncFormatter
-
-    axes[0, 2].yaxis.set_major_formatter(FuncFormatter(lambda v, _: _short_bytes(v) if v > 0 else "0"))
-    _figure_legend(fig, axes)
+    flat[0].yaxis.set_major_formatter(ScalarFormatter())
+    flat[0].yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    sources = sorted({s for _, log, _ in curves if "memory_source" in log for s in log["memory_source"].dropna()})
+    flat[2].set_ylabel(f"peak memory\n({', '.join(SOURCE_LABELS.get(s, s) for s in sources) or 'source unknown'})")
+    flat[2].yaxis.set_major_formatter(FuncFormatter(lambda v, _: _short_bytes(v) if v > 0 else "0"))
+    handles: dict[str, Any] = {}
+    for ax in flat[:5]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    flat[5].set_axis_off()
+    flat[5].legend(handles.values(), handles.keys(), loc="center", frameon=False)
     fig.suptitle(f"Training curves\n{run.device} · preset {run.preset}")
     fig.tight_layout()
     caption = ("Training: perplexity (validation as circles), throughput, peak memory, the DEQ's "
-               "function evaluations and residuals, against the training step.")
+               "function evaluations and residuals, against the training step; grey = the DEQ's "
+               "pretraining steps (tied layers unrolled instead of solved).")
     return fig, caption, notes
 
 

@@ -181,7 +181,26 @@ def pair_tables(run: Run, p: pd.DataFrame) -> list[str]:
     for lack in (run.lacks("step_s_median"), run.lacks("nfe_forward", "nfe_backward")):
         if lack:
             out += [f"Note: {lack}; shown as —.", ""]
+    noisy = _noisy_timings(df)
+    if noisy:
+        out += [noisy, ""]
     return out
+
+
+NOISY = 0.10  # IQR/median of step times above which a timing is called noisy
+
+
+def _noisy_timings(df: pd.DataFrame) -> str | None:
+    timed = df[df["step_s_median"].notna() & df["step_s_iqr"].notna() & (df["step_s_median"] > 0)]
+    if timed.empty:
+        return None
+    spread = timed["step_s_iqr"] / timed["step_s_median"]
+    noisy = spread[spread > NOISY]
+    if noisy.empty:
+        return None
+    return (f"Note: {len(noisy)} of {len(timed)} timed cases have a step-time IQR above "
+            f"{100 * NOISY:.0f}% of the median (worst {100 * noisy.max():.0f}%): a busy machine; "
+            "read their slowdowns as rough.")
 
 
 def _ordered(p: pd.DataFrame) -> pd.DataFrame:

@@ -159,3 +159,18 @@ def test_plot_command_rejects_a_directory_without_results(tmp_path, capsys):
     assert "results.csv does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown figure"):
         plots.plot_run(copy_run("paper", tmp_path / "p"), only=["memroy"])
+
+
+def test_gpu_rows_add_allocator_reserve_and_cuda_context(tmp_path):
+    """The GPU columns (no GPU here: the quick rows relabelled as torch_cuda with a reserve and an
+    NVML reading) add their parts to the breakdown and name the source."""
+    run_dir = copy_run("quick", tmp_path / "run")
+    rewrite(run_dir, lambda df: df.assign(
+        memory_source="torch_cuda", reserved_bytes=df["peak_bytes"] + 2_097_152,
+        nvml_process_bytes=df["peak_bytes"] + 2_097_152 + 500_000_000))
+    figures = plots.plot_run(run_dir, only=["memory_breakdown"])
+    assert [f.name for f in figures.made] == ["memory_breakdown"]
+    svg = (run_dir / "figures" / "memory_breakdown.svg").read_text()
+    for text in ("allocator reserve (reserved − peak)", "CUDA context etc. (NVML − reserved)",
+                 "torch.cuda max allocated", "MB ("):
+        assert text in svg, text

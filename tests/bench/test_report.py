@@ -190,3 +190,14 @@ def test_no_pairs_at_all_is_a_sentence(tmp_path):
     md = report.render(plots.Run.load(run_dir), plots.plot_run(run_dir, only=[]))
     assert "cannot be checked from it" in md
     assert "No DEQ–baseline pair: no explicit baseline in this family." in md
+
+
+def test_results_csv_alone_is_enough(tmp_path, capsys):
+    run_dir = tmp_path / "bare"
+    run_dir.mkdir()
+    shutil.copy(DATA / "paper" / "results.csv", run_dir / "results.csv")
+    assert main(["report", str(run_dir)]) == 0
+    md = (run_dir / "report.md").read_text()
+    assert "| env.json | missing: device taken from results.csv |" in md
+    assert "preset unknown preset" not in md and "# deq-bench report: unknown preset" in md
+    assert (run_dir / "figures" / "paper_pairs.png").exists()
