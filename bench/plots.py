@@ -729,8 +729,9 @@ def speed(run: Run) -> tuple[Any, str, list[str]]:
     if df.empty:
         raise _Skip("no case was timed (predicted runs measure no time)")
     families = _families(df)
-    x = "seq_len" if df["seq_len"].nunique() >= 2 else "depth"
+    x = "seq_len" if _has_line(df, "seq_len", [*LINE_KEYS, "depth"]) else "depth"
     other = "depth" if x == "seq_len" else "seq_len"
+    bars = not _has_line(df[df["variant"] != "deq"] if x == "depth" else df, x, [*LINE_KEYS, other])
     phases = _phases(df)
     plt = _pyplot()
     fig, axes = _grid(plt, len(families), len(phases) + 1, width=4.6, height=3.6)
@@ -740,8 +741,11 @@ def speed(run: Run) -> tuple[Any, str, list[str]]:
         for j, phase in enumerate(phases):
             ax = axes[i, j]
             rows = df[(df["family"] == family) & (df["phase"] == phase)]
-            _speed_panel(ax, rows, x, other)
             ax.set_title(f"{family}, {phase}: throughput")
+            if bars:  # no model at two shapes: one bar per case
+                _speed_bars(ax, rows)
+                continue
+            _speed_panel(ax, rows, x, other)
             ax.set_ylabel("tokens / s (median step)" if j == 0 else "")
             ax.set_xlabel("sequence length T" if x == "seq_len" else "explicit depth L")
         _slowdown_panel(axes[i, -1], p[p["family"] == family] if not p.empty else p, family)
@@ -752,6 +756,20 @@ def speed(run: Run) -> tuple[Any, str, list[str]]:
                "DEQ's step time over each explicit baseline's against the DEQ's function evaluations "
                "(forward + backward); horizontal lines are the paper's Table 4 ratios.")
     return fig, caption, []
+
+
+def _speed_bars(ax, rows: pd.DataFrame) -> None:
+    rows = rows.sort_values(["variant", "depth", "solver"], key=_variant_order)
+    sizes = rows["size"].nunique() > 1
+    labels = [_line_label(r, "depth", sizes) + ("" if rows["seq_len"].nunique() == 1 else f", T={r.seq_len}")
+              for r in rows.itertuples()]
+    ax.barh(labels, rows["tokens_per_s"], color=[VARIANT_COLORS.get(v, "grey") for v in rows["variant"]])
+    for y, v in enumerate(rows["tokens_per_s"]):
+        ax.text(v, y, f" {v:,.0f}", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, rows["tokens_per_s"].max() * 1.25)
+    ax.set_xlabel("tokens / s (median step)")
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 def _speed_panel(ax, rows: pd.DataFrame, x: str, other: str) -> None:
@@ -897,7 +915,9 @@ def memory_breakdown(run: Run) -> tuple[Any, str, list[str]]:
     fig.tight_layout()
     caption = ("What the peak is made of, per model at the largest sequence length its family's DEQ "
                "ran: static memory (parameters, gradients, Adam state), activations, and the solver's "
-               "workspace (Broyden history), which is part of the activation peak"
+               "workspace (its history buffers: solver_workspace_bytes, drawn inside the activation "
+               "part and capped by it; the row records its size, not that it was live at the peak's "
+               "instant)"
                + ("; on the GPU also the allocator's unused reserve and the CUDA context." if gpu else "."))
     return fig, caption, []
 
