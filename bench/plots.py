@@ -61,8 +61,8 @@ VARIANT_MARKERS = {"deq": "o", "untied": "v", "tied": "s", "ckpt": "D", "hf": "^
 STYLES = ("-", "--", ":", "-.")  # one per value of the axis not on x (largest first)
 SOURCE_LABELS = {
     "torch_cuda": "torch.cuda max allocated",
-    "tracked": "tracked: live tensor bytes",
-    "predicted": "predicted: fake tensors, nothing allocated",
+    "tracked": "tracked (live tensor bytes)",
+    "predicted": "predicted (fake tensors, nothing allocated)",
 }
 
 
@@ -278,7 +278,8 @@ def _line_label(r: Any, other: str | None, size: bool = False) -> str:
     if other == "seq_len":
         label += f", T={r.seq_len:.0f}"
     if size:
-        label += f" [{r.size}]"
+        # a Series row's .size is its length: read the column by name
+        label += f" [{r['size'] if isinstance(r, pd.Series) else r.size}]"
     return label
 
 
@@ -346,6 +347,8 @@ def _memory_vs(run: Run, x: str) -> tuple[Any, str, list[str]]:
     explicit = df[df["variant"] != "deq"]
     xs = sorted(explicit[x].dropna().unique()) if x == "depth" else sorted(df[x].dropna().unique())
     other = "seq_len" if x == "depth" else "depth"
+    if x == "depth" and explicit.empty:
+        raise _Skip("no explicit model in this run (the DEQ has no depth)")
     if len(xs) < 2 or not _has_line(explicit if x == "depth" else df, x, [*LINE_KEYS, other]):
         what = "depth" if x == "depth" else "sequence length"
         raise _Skip(f"no model was run at two {what}s with its size and other axes fixed (this run: "
@@ -365,7 +368,7 @@ def _memory_vs(run: Run, x: str) -> tuple[Any, str, list[str]]:
             _memory_panel(ax, rows, x, other, xs, slope=phase == "train")
             ax.set_title(f"{family}, {phase}")
             ax.set_xlabel("sequence length T" if x == "seq_len" else "explicit depth L (layers)")
-            ax.set_ylabel(f"peak memory\n({_source_label(rows)})" if j == 0 else "")
+            ax.set_ylabel(f"peak memory\n{_source_label(rows)}" if j == 0 else "")
     _figure_legend(fig, axes)
     what = "Peak memory vs sequence length" if x == "seq_len" else "Peak memory vs depth"
     fig.suptitle(run.title(what, df))
@@ -376,7 +379,8 @@ def _memory_vs(run: Run, x: str) -> tuple[Any, str, list[str]]:
                    "memory or time (its peak is unknown); lines that coincide are drawn as rings.")
     else:
         caption = ("Peak memory of one step against explicit depth, log-log: the DEQ has no depth, "
-                   "so it is a horizontal line; lines that coincide are drawn as rings."
+                   "so it is a horizontal line; lines that coincide are drawn as rings; a line that "
+                   "ends without an X was not run further (the preset's choice), an X marks a failure."
                    + (" Untied baselines are parameter-matched to the DEQ: a deeper untied net has "
                       "narrower layers." if run.matched_params else ""))
     return fig, caption, notes
@@ -613,7 +617,9 @@ def reduction_map(run: Run) -> tuple[Any, str, list[str]]:
             mesh = ax.pcolormesh(_edges(ts), _edges(ls), grid, cmap=cmap, norm=norm, shading="flat")
             for r in g.itertuples():
                 text = f"{100 * r.reduction:.0f}%" if pd.notna(r.reduction) else f"baseline\n{r.baseline_status}"
-                ax.text(r.seq_len, r.depth, text, ha="center", va="center", fontsize=8)
+                dark = pd.notna(r.reduction) and (r.reduction < -0.6 or r.reduction > 0.8)
+                ax.text(r.seq_len, r.depth, text, ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
             if not np.isnan(grid).any():
                 cs = ax.contour(ts, ls, grid, levels=[0.0, CLAIM], colors="black",
                                 linestyles=["-", "--"], linewidths=1.3)
@@ -734,9 +740,10 @@ def speed(run: Run) -> tuple[Any, str, list[str]]:
     bars = not _has_line(df[df["variant"] != "deq"] if x == "depth" else df, x, [*LINE_KEYS, other])
     phases = _phases(df)
     plt = _pyplot()
-    fig, axes = _grid(plt, len(families), len(phases) + 1, width=4.6, height=3.6)
     p = pairs(run.df)
     p = p[p["slowdown"].notna()] if not p.empty else p
+    notes = [] if not p.empty else ["speed: no timed DEQ-baseline pair, so no slowdown panel"]
+    fig, axes = _grid(plt, len(families), len(phases) + (not p.empty), width=4.6, height=3.6)
     for i, family in enumerate(families):
         for j, phase in enumerate(phases):
             ax = axes[i, j]
@@ -748,14 +755,19 @@ def speed(run: Run) -> tuple[Any, str, list[str]]:
             _speed_panel(ax, rows, x, other)
             ax.set_ylabel("tokens / s (median step)" if j == 0 else "")
             ax.set_xlabel("sequence length T" if x == "seq_len" else "explicit depth L")
-        _slowdown_panel(axes[i, -1], p[p["family"] == family] if not p.empty else p, family)
+        if not p.empty:
+            _slowdown_panel(axes[i, -1], p[p["family"] == family], family)
     _figure_legend(fig, axes)
     fig.suptitle(run.title("Speed", df))
     fig.tight_layout()
     caption = ("Throughput of training and inference steps (median of the timed steps), and the "
                "DEQ's step time over each explicit baseline's against the DEQ's function evaluations "
-               "(forward + backward); horizontal lines are the paper's Table 4 ratios.")
-    return fig, caption, []
+               "(forward + backward NFE) per explicit layer pass; on the dash-dotted diagonal the "
+               "slowdown is exactly the evaluation ratio; horizontal lines are the paper's Table 4 "
+               "ratios (WT103, paper sizes).")
+    if p.empty:
+        caption = "Throughput (median of the timed steps) of every timed case."
+    return fig, caption, notes
 
 
 def _speed_bars(ax, rows: pd.DataFrame) -> None:
@@ -810,33 +822,48 @@ def _count_axis(ax) -> None:
 
 
 def _slowdown_panel(ax, p: pd.DataFrame, family: str) -> None:
+    """Slowdown against the DEQ's function evaluations per explicit layer application:
+    (forward + backward NFE) / 2L for a training step, forward NFE / L for inference. On the
+    diagonal, the DEQ's extra time is just its extra evaluations of the same block."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     ax.set_title(f"{family}: DEQ / explicit step time")
-    ax.set_xlabel("DEQ function evaluations (forward + backward)")
+    ax.set_xlabel("DEQ evaluations of f per explicit layer pass\n(train: (NFE fwd + bwd) / 2L; eval: NFE fwd / L)")
     ax.set_ylabel("slowdown (×)")
     if p.empty:
         ax.text(0.5, 0.5, "no timed DEQ-baseline pair", transform=ax.transAxes, ha="center")
         return
-    nfe = p["nfe_forward"].fillna(0) + p["nfe_backward"].where(p["phase"] == "train", 0).fillna(0)
+    train = p["phase"] == "train"
+    evals = p["nfe_forward"] + p["nfe_backward"].where(train, 0).fillna(0)
+    work = evals / (p["depth"] * train.map({True: 2, False: 1}))  # (n,)
     for (variant, phase), idx in p.groupby(["baseline_variant", "phase"]).groups.items():
         g = p.loc[idx]
-        ax.scatter(nfe.loc[idx], g["slowdown"], color=VARIANT_COLORS.get(variant, "grey"),
+        ax.scatter(work.loc[idx], g["slowdown"], color=VARIANT_COLORS.get(variant, "grey"),
                    marker="o" if phase == "train" else "^",
                    facecolors=VARIANT_COLORS.get(variant, "grey") if phase == "train" else "none",
                    label=f"vs {VARIANT_LABELS.get(variant, variant)} ({phase})", zorder=3)
         for k in idx:
-            ax.annotate(f"L{p.loc[k, 'depth']:.0f}", (nfe.loc[k], p.loc[k, "slowdown"]),
+            ax.annotate(f"L{p.loc[k, 'depth']:.0f}", (work.loc[k], p.loc[k, "slowdown"]),
                         textcoords="offset points", xytext=(4, 2), fontsize=6)
+    ok = work[work.notna() & (work > 0)]
+    if not ok.empty:
+        lo, hi = float(ok.min()) / 1.5, float(ok.max()) * 1.5
+        ax.plot([lo, hi], [lo, hi], color="grey", linestyle="-.", linewidth=0.9,
+                label="slowdown = evaluation ratio")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     paper = SPEED.get(family)
     if paper:
         for phase, style in (("train", "--"), ("eval", ":")):
             ax.axhline(paper[phase], color="black", linestyle=style, linewidth=1)
-            ax.text(0.99, paper[phase], f"paper {phase} {paper[phase]:.2f}×",
-                    transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", ha="right",
+            # top left stays clear: points sit near the diagonal
+            ax.text(0.01, paper[phase], f"paper {phase} {paper[phase]:.2f}×",
+                    transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", ha="left",
                     bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "alpha": 0.7, "linewidth": 0})
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_yscale("log")
-    from matplotlib.ticker import FuncFormatter
-
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}×" if v in (0.5, 2, 5, 20) else ""))
     ax.grid(True, which="both", alpha=0.3)
@@ -854,13 +881,20 @@ def memory_breakdown(run: Run) -> tuple[Any, str, list[str]]:
     if phase is None:
         raise _Skip("no case has a peak and static memory")
     df = df[df["phase"] == phase]
-    chosen = []
+    chosen, notes = [], []
     for family in _families(df):
         rows = df[df["family"] == family]
         deq = rows[rows["variant"] == "deq"]
         # the largest sequence length at which the DEQ (else anything) has numbers
         t = (deq if not deq.empty else rows)["seq_len"].max()
-        chosen.append(rows[rows["seq_len"] == t].sort_values(["size", "variant", "depth"], key=_variant_order))
+        rows = rows[rows["seq_len"] == t]
+        depths = sorted(rows["depth"].dropna().unique())
+        if len(depths) > 3:  # a sweep: its shallowest, middle and deepest baselines
+            keep = [depths[0], depths[len(depths) // 2], depths[-1]]
+            rows = rows[rows["depth"].isna() | rows["depth"].isin(keep)]
+            notes.append(f"memory breakdown: {family} baselines at L = {', '.join(f'{d:.0f}' for d in keep)} "
+                         f"of {len(depths)} depths")
+        chosen.append(rows.sort_values(["size", "variant", "depth"], key=_variant_order))
     df = pd.concat(chosen)
     gpu = df["reserved_bytes"].notna().any()
     nvml = df["nvml_process_bytes"].notna().any()
@@ -877,9 +911,9 @@ def memory_breakdown(run: Run) -> tuple[Any, str, list[str]]:
         parts.append(("allocator reserve (reserved − peak)", {"color": "#deebf7", "edgecolor": "#9ecae1"}))
     if nvml:
         parts.append(("CUDA context etc. (NVML − reserved)", {"color": "#fde0dd", "edgecolor": "#fa9fb5"}))
-    scale, unit = (1e9, "GB") if df[["peak_bytes", "nvml_process_bytes"]].max().max() >= 2e9 else (1e6, "MB")
     for ax, family in zip(axes[:, 0], families, strict=True):
         rows = df[df["family"] == family]
+        scale, unit = (1e9, "GB") if rows[["peak_bytes", "nvml_process_bytes"]].max().max() >= 2e9 else (1e6, "MB")
         sizes = rows["size"].nunique() > 1
         labels = [_line_label(r, "depth", sizes) for r in rows.itertuples()]
         static = rows["static_bytes"].astype(float)
@@ -893,20 +927,25 @@ def memory_breakdown(run: Run) -> tuple[Any, str, list[str]]:
             segments.append((rows["reserved_bytes"] - rows["peak_bytes"]).fillna(0).clip(lower=0))
         if nvml:
             segments.append((rows["nvml_process_bytes"] - rows["reserved_bytes"]).fillna(0).clip(lower=0))
+        totals = sum(segments)
+        # bars 10x apart would hide the small ones' parts: then each bar shows shares of itself
+        shares = totals.max() > 10 * totals[totals > 0].min()
+        per = (totals / 100) if shares else pd.Series(scale, index=rows.index)
         left = pd.Series(0.0, index=rows.index)
         for (name, style), seg in zip(parts, segments, strict=True):
-            width = seg.where(seg > 0).values / scale  # NaN: no zero-width bar edge drawn
-            ax.barh(labels, width, left=left.values / scale, label=name, linewidth=0.5, **style)
+            width = (seg / per).where(seg > 0).values  # NaN: no zero-width bar edge drawn
+            ax.barh(labels, width, left=(left / per).values, label=name, linewidth=0.5, **style)
             left = left + seg
         for y, (peak, total) in enumerate(zip(rows["peak_bytes"], left, strict=True)):
             # the bar ends at the peak, or (GPU) at what the allocator / the process held
             text = f" peak {format_bytes(peak)}" + (f", bar {format_bytes(total)}" if total > peak else "")
-            ax.text(total / scale, y, text, va="center", fontsize=7)
+            ax.text(100 if shares else total / scale, y, text, va="center", fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlim(0, left.max() / scale * 1.25)
+        ax.set_xlim(0, 135 if shares else left.max() / scale * 1.25)
         beyond = " and NVML process memory" if nvml else ""
-        ax.set_xlabel(f"{unit} (peak: {_source_label(rows)}"
-                      + (f"; then the allocator's reserve{beyond})" if gpu or nvml else ")"))
+        what = "share of each bar (%)" if shares else unit
+        ax.set_xlabel(f"{what}; peak: {_source_label(rows)}"
+                      + (f", then the allocator's reserve{beyond}" if gpu or nvml else ""))
         ax.set_title(f"{family}, {phase}, T={rows['seq_len'].iloc[0]:.0f}")
         ax.grid(True, axis="x", alpha=0.3)
     handles, names = axes[0, 0].get_legend_handles_labels()
@@ -918,8 +957,10 @@ def memory_breakdown(run: Run) -> tuple[Any, str, list[str]]:
                "workspace (its history buffers: solver_workspace_bytes, drawn inside the activation "
                "part and capped by it; the row records its size, not that it was live at the peak's "
                "instant)"
-               + ("; on the GPU also the allocator's unused reserve and the CUDA context." if gpu else "."))
-    return fig, caption, []
+               + ("; on the GPU also the allocator's unused reserve and the CUDA context." if gpu else ".")
+               + " Where a panel's bars differ more than 10x, each bar shows shares of itself, its "
+               "size written beside it.")
+    return fig, caption, notes
 
 
 def _variant_order(s: pd.Series) -> pd.Series:
@@ -1043,7 +1084,7 @@ def training_curves(run: Run) -> tuple[Any, str, list[str]]:
     flat[0].yaxis.set_major_formatter(ScalarFormatter())
     flat[0].yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     sources = sorted({s for _, log, _ in curves if "memory_source" in log for s in log["memory_source"].dropna()})
-    flat[2].set_ylabel(f"peak memory\n({', '.join(SOURCE_LABELS.get(s, s) for s in sources) or 'source unknown'})")
+    flat[2].set_ylabel(f"peak memory\n{', '.join(SOURCE_LABELS.get(s, s) for s in sources) or 'source unknown'}")
     flat[2].yaxis.set_major_formatter(FuncFormatter(lambda v, _: _short_bytes(v) if v > 0 else "0"))
     handles: dict[str, Any] = {}
     for ax in flat[:5]:

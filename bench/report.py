@@ -119,7 +119,7 @@ def environment(run: Run) -> list[str]:
         rows.append(("NVML", f"driver {nvml.get('driver')}" if nvml.get("available")
                      else f"unavailable ({nvml.get('reason')})"))
     sources = sorted(set(df["memory_source"].dropna()))
-    rows.append(("memory source", "; ".join(f"`{s}` ({SOURCE_LABELS.get(s, s)})" for s in sources) or "—"))
+    rows.append(("memory source", "; ".join(SOURCE_LABELS.get(s, f"`{s}`") for s in sources) or "—"))
     matrix = env.get("matrix") or {}
     if matrix:
         settings = matrix.get("settings") or {}
@@ -322,8 +322,9 @@ def _kind_sentence(family: str, kind: str, g: pd.DataFrame) -> str:
     models = ", ".join(sorted(set(g["baseline_model"])))
     lo, hi = g.loc[g["reduction"].idxmin()], g.loc[g["reduction"].idxmax()]
     held = g[g["reduction"] >= CLAIM]
-    span = (f"from {_pct(lo.reduction)} ({_at(lo)}) to {_pct(hi.reduction)} ({_at(hi)})"
-            if len(g) > 1 else f"{_pct(hi.reduction)} ({_at(hi)})")
+    sized = g["size"].nunique() > 1
+    span = (f"from {_pct(lo.reduction)} ({_at(lo, sized)}) to {_pct(hi.reduction)} ({_at(hi, sized)})"
+            if len(g) > 1 else f"{_pct(hi.reduction)} ({_at(hi, sized)})")
     if held.empty:
         verdict = f"never reaches {claim}"
     elif len(held) == len(g):
@@ -345,9 +346,10 @@ def _workspace_sentence(df: pd.DataFrame) -> str | None:
     deq = deq[deq["peak_bytes"].notna() & deq["solver_workspace_bytes"].notna()]
     parts = []
     for family, g in deq.groupby("family", sort=True):
-        r = g.sort_values("seq_len").iloc[-1]
+        r = g.sort_values(["seq_len", "peak_bytes"]).iloc[-1]  # the longest, then the largest
         share = min(float(r.solver_workspace_bytes), float(r.peak_bytes)) / float(r.peak_bytes)
-        parts.append(f"{_pct(share)} for {family} (T={r.seq_len:.0f}, {r.solver} history "
+        size = f"{r['size']}, " if g["size"].nunique() > 1 else ""  # r.size is the Series' length
+        parts.append(f"{_pct(share)} for {family} ({size}T={r.seq_len:.0f}, {r.solver} history "
                      f"{format_bytes(float(r.solver_workspace_bytes))} of {format_bytes(float(r.peak_bytes))})")
     if not parts:
         return None
@@ -359,8 +361,8 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _at(r: Any) -> str:
-    return f"T={r.seq_len:.0f}, L={r.depth:.0f}"
+def _at(r: Any, size: bool = False) -> str:
+    return f"{r['size'] + ', ' if size else ''}T={r['seq_len']:.0f}, L={r['depth']:.0f}"
 
 
 def _threshold(g: pd.DataFrame, axis: str, level: float, what: str) -> str | None:

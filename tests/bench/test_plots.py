@@ -62,7 +62,7 @@ def test_figures_state_device_preset_batch_and_seq_len(quick):
     env = json.loads((quick / "env.json").read_text())
     # svg.fonttype none keeps the text searchable
     for text in (env["device_name"], "preset quick", "batch 2", "seq_len 32, 128",
-                 "tracked: live tensor bytes"):
+                 "tracked (live tensor bytes)"):
         assert text in svg, text
 
 
@@ -172,5 +172,14 @@ def test_gpu_rows_add_allocator_reserve_and_cuda_context(tmp_path):
     assert [f.name for f in figures.made] == ["memory_breakdown"]
     svg = (run_dir / "figures" / "memory_breakdown.svg").read_text()
     for text in ("allocator reserve (reserved − peak)", "CUDA context etc. (NVML − reserved)",
-                 "torch.cuda max allocated", "MB ("):
+                 "torch.cuda max allocated", "MB; peak: "):
         assert text in svg, text
+
+
+def test_line_labels_name_the_size_from_series_and_tuples():
+    # a pandas Series row's .size is its length; the label must read the column
+    row = pd.Series({"variant": "tied", "depth": 16.0, "seq_len": 150, "size": "paper-small",
+                     "solver": None, "backward": None, "model": "transformer-tied", "family": "transformer"})
+    expected = "weight-tied (1 layer x L), L=16 [paper-small]"
+    assert plots._line_label(row, "depth", size=True) == expected
+    assert plots._line_label(next(pd.DataFrame([row]).itertuples()), "depth", size=True) == expected

@@ -131,7 +131,7 @@ def test_environment_and_failures(quick):
     env = plots.Run.load(run_dir).env
     assert "| preset | quick: 48 cases" in md
     assert f"| cases in results.csv | {len(df)}: {len(df)} ok |" in md
-    assert "| memory source | `tracked`" in md
+    assert "| memory source | tracked (live tensor bytes) |" in md
     assert f"| git | {env['git']['sha'][:12]} |" in md
     assert "Every case finished ok." in md
 
