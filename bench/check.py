@@ -4,8 +4,9 @@
     deqbench check RUN_DIR --baseline results/baselines/cpu.json [--tol-memory 5%] [--tol-speed 30%]
 
 A baseline keeps, per case, the deterministic numbers (tracked and predicted bytes, parameter
-counts, FLOPs: exact on any machine) and the device numbers (peak and reserved bytes, step time,
-tokens/s), with the device they came from. `check` compares case by case: memory growing past
+counts, FLOPs: exact on any machine; for a training case also what it adds over its eval twin)
+and the device numbers (peak and reserved bytes, step time, tokens/s), with the device they came
+from. `check` compares case by case: memory growing past
 its tolerance, a parameter count that changed, a case that used to pass and now fails, or (looser,
 timings drift) a step that slowed past its tolerance is a regression: exit 1. A baseline made on
 another kind of device is refused (exit 2): its bytes and seconds are not comparable.
@@ -17,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ DETERMINISTIC = ("tracked_bytes", "predicted_bytes", "params", "params_nonembed"
                  "static_bytes")
 DEVICE = ("peak_bytes", "reserved_bytes", "activation_bytes", "step_s_median", "tokens_per_s")
 MEMORY = ("tracked_bytes", "predicted_bytes", "peak_bytes", "reserved_bytes", "static_bytes",
-          "activation_bytes", "flops_per_token")
+          "activation_bytes", "flops_per_token", "train_minus_eval_bytes")
 EXACT = ("params", "params_nonembed")
 SLOWER_IF_UP = ("step_s_median",)
 SLOWER_IF_DOWN = ("tokens_per_s",)
@@ -44,23 +46,43 @@ def make_baseline(run_dir: Path) -> dict[str, Any]:
 
     df = read_results(run_dir)
     env = read_env(run_dir)
-    cases: dict[str, Any] = {}
-    for row in df.to_dict("records"):
-        cases[row["case_id"]] = {
-            "status": row["status"],
-            "memory_source": row.get("memory_source"),
-            "deterministic": {k: _num(row.get(k)) for k in DETERMINISTIC if _num(row.get(k)) is not None},
-            "device": {k: _num(row.get(k)) for k in DEVICE if _num(row.get(k)) is not None},
-        }
     return {
         "format": FORMAT,
         "device_kind": env.get("device_kind") or _kind_from_rows(df),
         "device_name": env.get("device_name") or _first(df, "device_name"),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"run": str(run_dir), "git": env.get("git"), "versions": env.get("versions"),
+        "source": {"run": str(run_dir), "matrix": (env.get("matrix") or {}).get("name"),
+                   "git": env.get("git"), "versions": env.get("versions"),
                    "command": env.get("command")},
-        "cases": cases,
+        "cases": case_records(df.to_dict("records")),
     }
+
+
+def case_records(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What a baseline keeps of each result row, by case id.
+
+    A training case whose eval twin (same case, phase eval) is among `rows` also gets
+    `train_minus_eval_bytes`: tracked bytes of the training step less those of the forward pass,
+    i.e. what training adds (gradients, optimizer state, activations saved for backward). Saved
+    activations are a small part of a DEQ's peak (Broyden's history dominates it), so a change
+    there hides within a tolerance on the total and shows on this difference."""
+    rows = list(rows)
+    by_id = {row["case_id"]: row for row in rows}
+    cases: dict[str, Any] = {}
+    for row in rows:
+        deterministic = {k: _num(row.get(k)) for k in DETERMINISTIC if _num(row.get(k)) is not None}
+        twin = by_id.get(str(row["case_id"]).replace("/train/", "/eval/", 1))
+        if row.get("phase") == "train" and twin is not None and twin.get("phase") == "eval":
+            train, forward = _num(row.get("tracked_bytes")), _num(twin.get("tracked_bytes"))
+            if train is not None and forward is not None:
+                deterministic["train_minus_eval_bytes"] = train - forward
+        cases[row["case_id"]] = {
+            "status": row["status"],
+            "memory_source": row.get("memory_source"),
+            "deterministic": deterministic,
+            "device": {k: _num(row.get(k)) for k in DEVICE if _num(row.get(k)) is not None},
+        }
+    return cases
 
 
 def _num(value: Any) -> float | int | None:
@@ -113,12 +135,16 @@ def compare(run_dir: Path, baseline: dict[str, Any], tol_memory: float = 0.05,
             f"({baseline.get('device_name')}), this run is {current.get('device_kind')!r} "
             f"({current.get('device_name')}); compare runs of the same kind of device"
         )
-    findings: list[Finding] = []
     # Timings compare only on the same device model; bytes and FLOPs compare on any of its kind.
     same_device = baseline.get("device_name") == current.get("device_name")
-    if not same_device:
-        tol_speed = math.inf
-    base_cases, run_cases = baseline["cases"], current["cases"]
+    return compare_cases(baseline["cases"], current["cases"], tol_memory,
+                         tol_speed if same_device else math.inf)
+
+
+def compare_cases(base_cases: Mapping[str, dict], run_cases: Mapping[str, dict],
+                  tol_memory: float = 0.05, tol_speed: float = 0.30) -> list[Finding]:
+    """Case records (`case_records`) of a baseline against those of a run, case by case."""
+    findings: list[Finding] = []
     for case_id in sorted(set(base_cases) | set(run_cases)):
         if case_id not in run_cases:
             findings.append(Finding(case_id, "case", "present", None, None, "missing-in-run"))

@@ -20,7 +20,7 @@ EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_PRESET = "quick"
 # Modules that add their own subcommands: each has `register(subparsers)` adding a parser whose
 # defaults set `func(args) -> exit code` (raising BadInput for bad input).
-COMMAND_MODULES: list[str] = ["bench.check", "bench.train"]
+COMMAND_MODULES: list[str] = ["bench.check", "bench.plots", "bench.report", "bench.train"]
 
 
 class BadInput(Exception):

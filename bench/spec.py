@@ -290,8 +290,11 @@ def _matched_overrides(case: Case, notes: list[str]) -> tuple[tuple[str, Any], .
 
 @functools.cache
 def _match(family: str, model: str, size: str, depth: int) -> tuple[tuple[str, Any], ...]:
-    from baselines import match_params
+    from baselines import MATCHERS
 
+    match_params = MATCHERS.get(family)
+    if match_params is None:
+        raise ValueError(f"no parameter matcher for the {family} family; {model} runs at its size's config")
     target = _deq_params(family, size)
     if target is None:
         return ()

@@ -71,7 +71,9 @@ class _Tracker:
     def __init__(self, z0: Tensor, tol: float, stop_mode: str) -> None:
         self.tol, self.stop_mode = tol, stop_mode
         batch = z0.shape[0]
-        self.best_z = z0.clone()  # (B, D)
+        # The lowest-residual iterate, (B, D). Solvers never write into an iterate after handing
+        # it over, so while every sample improves this is a reference, not a copy.
+        self.best_z = z0
         inf = torch.full((batch,), math.inf, device=z0.device, dtype=torch.float32)
         self.best_abs, self.best_rel = inf.clone(), inf.clone()  # (B,)
         self.trace: list[float] = []
@@ -91,15 +93,20 @@ class _Tracker:
         rel_res = abs_res / (fz.float().norm(dim=1) + _NORM_EPS)
         res = rel_res if self.stop_mode == "rel" else abs_res
         best = self.best_rel if self.stop_mode == "rel" else self.best_abs
-        improved = res < best  # NaN never improves
-        torch.where(improved[:, None], z, self.best_z, out=self.best_z)
-        torch.where(improved, abs_res, self.best_abs, out=self.best_abs)
-        torch.where(improved, rel_res, self.best_rel, out=self.best_rel)
-        if self.fixed:
+        if self.fixed:  # no host reads: keep the latest iterate (residuals are not looked at)
+            self.best_z, self.best_abs, self.best_rel = z, abs_res, rel_res
             self.trace.append(math.nan)
             return False
+        improved = res < best  # NaN never improves
         # One host sync per iteration. Divergence is judged on abs: rel saturates as z blows up.
-        worst, worst_abs = torch.stack((res.max(), abs_res.max())).tolist()
+        worst, worst_abs, all_improved = torch.stack(
+            (res.max(), abs_res.max(), improved.all().to(res.dtype))).tolist()
+        if all_improved:
+            self.best_z, self.best_abs, self.best_rel = z, abs_res, rel_res
+        else:  # some samples got worse: keep their earlier iterates
+            self.best_z = torch.where(improved[:, None], z, self.best_z)
+            self.best_abs = torch.where(improved, abs_res, self.best_abs)
+            self.best_rel = torch.where(improved, rel_res, self.best_rel)
         self.trace.append(worst)
         if self.first_abs is None:
             self.first_abs = worst_abs
@@ -187,12 +194,11 @@ def anderson(
     ridge[0, 0] = 0.0
     for k in range(max_iter):
         fz = f_flat(z)
-        g = fz - z
+        slot, n = k % m, min(k + 1, m)
+        g = torch.sub(fz, z, out=G[:, slot])  # straight into the window: no second copy
         if track.update(z, fz, g):
             break
-        slot, n = k % m, min(k + 1, m)
         F[:, slot] = fz
-        G[:, slot] = g
         # <g, g_i> for the window; as (1, D) x (D, n) it is one cheap GEMM per sample.
         gram_row = torch.bmm(g.unsqueeze(1), G[:, :n].transpose(1, 2)).squeeze(1).double()  # (B, n)
         A[:, 1 + slot, 1 : n + 1] = gram_row

@@ -25,13 +25,25 @@ def workload_of(case: Any, device: str, settings: Any) -> Workload:
 def measure_case(case: Any, device: str, settings: Any, instruments: tuple[str, ...]) -> dict[str, Any]:
     """The row of one case: every instrument the device allows (or those named), raw numbers;
     `status` is ok, or diverged when a solver diverged (its numbers are kept)."""
-    from bench.env import device_name
+    return case_row(measure_case_result(case, device, settings, instruments), device)
+
+
+def measure_case_result(case: Any, device: str, settings: Any,
+                        instruments: tuple[str, ...]) -> dict[str, Any]:
+    """Everything `measure()` returns for one case, extras included (e.g. the CUDA workspace a
+    torch_cuda peak holds besides the model's tensors), before it is cut down to a row."""
     from bench.measure import default_instruments
 
     names = list(instruments) or default_instruments(device)
     chosen = [make_instrument(n, repeats=settings.repeats, warmup=settings.warmup) if n == "timing"
               else make_instrument(n) for n in names]
-    result = measure(workload_of(case, device, settings), chosen, warmup=max(1, settings.warmup))
+    return measure(workload_of(case, device, settings), chosen, warmup=max(1, settings.warmup))
+
+
+def case_row(result: dict[str, Any], device: str) -> dict[str, Any]:
+    """The results.csv columns of a `measure_case_result`."""
+    from bench.env import device_name
+
     row = {k: v for k, v in result.items() if k in COLUMNS}
     row["status"] = "diverged" if result.get("diverged") else "ok"
     row["device"] = device

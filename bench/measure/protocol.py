@@ -195,4 +195,20 @@ def _solver_columns(stats: ModelStats | None) -> dict[str, Any]:
         "nfe_backward": stats.nfe_backward,
         "residual_forward": finite(stats.residual_forward),
         "residual_backward": finite(stats.residual_backward),
+        "solver_trace": solver_trace(stats),
     }
+
+
+def solver_trace(stats: ModelStats) -> dict[str, Any] | None:
+    """The residual after each call of f, per solve (forward, and the implicit backward solve),
+    for the convergence figure: {"forward": {"solver", "stop_mode", "tol", "trace": [...]}, ...}.
+    None for explicit models and for fake solves (fixed iterations have no residual values)."""
+    out: dict[str, Any] = {}
+    for direction, solve in (("forward", stats.forward), ("backward", stats.backward)):
+        if solve is None or not any(math.isfinite(r) for r in solve.trace):
+            continue
+        out[direction] = {
+            "solver": solve.solver, "stop_mode": solve.stop_mode, "tol": solve.tol,
+            "trace": [float(f"{r:.4g}") if math.isfinite(r) else None for r in solve.trace],
+        }
+    return out or None

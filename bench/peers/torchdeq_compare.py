@@ -17,6 +17,7 @@ import argparse
 import copy
 import csv
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -236,7 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/reference/cpu"))
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both libraries (default 1: stable on shared cores)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         import torchdeq  # noqa: F401
     except ImportError:
@@ -256,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         table.append(row)
     _write(args.out / "torchdeq.csv", table)
     _write(args.out / "torchdeq_overhead.csv", overhead)
+    from bench.env import capture
+    from bench.results import write_json
+
+    env = capture("cpu", ["python", "-m", "bench.peers.torchdeq_compare", *(argv or sys.argv[1:])])
+    env["torch_threads"] = torch.get_num_threads()
+    write_json(args.out / "torchdeq_env.json", env)
     print(f"{'impl':<14}{'solver':<10}{'step ms':>9}{'iqr ms':>8}{'peak MB':>9}{'nfe f/b':>10}"
           f"{'grad err':>10}{'solver%':>8}")
     for row in table:

@@ -1,4 +1,6 @@
 import json
+import math
+import shutil
 
 from bench.check import compare, load_baseline, make_baseline
 from bench.cli import main
@@ -67,3 +69,38 @@ def test_bad_baseline_and_tolerance_inputs(tmp_path, capsys):
     assert main(["check", str(run), "--baseline", str(tmp_path / "ok.json"), "--tol-memory", "lots"]) == 2
     assert load_baseline(tmp_path / "ok.json")["device_kind"] == "cpu"
     assert len(read_results(run)) == 2
+
+
+def test_end_to_end_on_a_real_run(tmp_path, capsys):
+    """Acceptance on a real (small) run: its own baseline passes, 6% more tracked bytes in one
+    case fails with that case in the table, a baseline of another device kind is refused."""
+    run = tmp_path / "run"
+    train, forward = "trellisnet/debug/core/train/T32/B2/L4", "trellisnet/debug/core/eval/T32/B2/L4"
+    assert main(["run", "--preset", "quick", "--only", f"{train},{forward}", "--out", str(run),
+                 "--no-progress"]) == 0
+    rows = read_results(run).to_dict("records")
+    assert sorted(r["case_id"] for r in rows) == sorted([train, forward])
+    assert all(r["status"] == "ok" and r["tracked_bytes"] > 0 for r in rows)
+    base = tmp_path / "base.json"
+    assert main(["baseline", str(run), "-o", str(base)]) == 0
+    assert main(["check", str(run), "--baseline", str(base)]) == 0
+
+    worse = tmp_path / "worse"  # the same run, one case's tracked bytes 6% higher
+    worse.mkdir()
+    shutil.copy(run / "env.json", worse / "env.json")
+    for row in rows:
+        if row["case_id"] == train:
+            row["tracked_bytes"] = round(row["tracked_bytes"] * 1.06)
+        append_row(worse, {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                           for k, v in row.items()})
+    capsys.readouterr()
+    assert main(["check", str(worse), "--baseline", str(base)]) == 1
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("regression")]
+    assert table and all(line.endswith(train) for line in table)
+    assert any("tracked_bytes" in line and "+6.0%" in line for line in table)
+
+    gpu = json.loads(base.read_text()) | {"device_kind": "nvidia-h100-80gb-hbm3",
+                                          "device_name": "NVIDIA H100 80GB HBM3"}
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu))
+    assert main(["check", str(run), "--baseline", str(tmp_path / "gpu.json")]) == 2
+    assert "nvidia-h100-80gb-hbm3" in capsys.readouterr().err

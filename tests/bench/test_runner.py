@@ -27,7 +27,7 @@ depth = [2, 4]
 
 
 def _deqbench(*args, env_extra=None, **kwargs):
-    env = {**os.environ, "DEQBENCH_PLUGINS": "tests.bench.toy_models", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "DEQBENCH_PLUGINS": "tests.bench.toy_plugin", "PYTHONPATH": str(ROOT),
            **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

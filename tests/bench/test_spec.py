@@ -8,12 +8,19 @@ def matrix(**sweep):
 
 
 def test_deq_cases_not_repeated_per_depth_and_explicit_not_per_solver(toy_models):
-    m = parse_matrix(matrix(family="toy", depth=[2, 4, 8], solver=["broyden", "anderson"],
-                            phase=["train", "eval"]))
+    m = parse_matrix(matrix(family="toy", variant=["deq", "tied"], depth=[2, 4, 8],
+                            solver=["broyden", "anderson"], phase=["train", "eval"]))
     deq = [c for c in m.cases if c.is_deq]
     tied = [c for c in m.cases if not c.is_deq]
     assert len(deq) == 2 * 2 and all(c.depth is None for c in deq)  # solvers x phases
     assert len(tied) == 3 * 2 and all(c.solver is None and c.backward is None for c in tied)
+
+
+def test_untied_baseline_without_a_matcher_runs_unmatched_with_a_note(toy_models):
+    m = parse_matrix(matrix(model="toy-stack", depth=4))
+    assert m.cases[0].overrides == ()
+    assert m.notes == ("not parameter-matched: no parameter matcher for the toy family; "
+                       "toy-stack runs at its size's config",)
     assert len({c.case_id for c in m.cases}) == len(m.cases)
 
 

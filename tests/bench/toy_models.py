@@ -1,78 +1,130 @@
-"""Tiny registered models for harness tests (loaded through DEQBENCH_PLUGINS)."""
+"""Small models for harness and instrument tests, independent of the real families: a DEQ of an
+FFN cell, the same cell stacked `depth` times with distinct weights (untied), and one cell
+unrolled `depth` times (weight-tied). Registered for a test by the `toy_models` fixture, and in
+spawned workers through DEQBENCH_PLUGINS=tests.bench.toy_plugin. Also `registered_param`, which
+marks the registered models `predicted` cannot match exactly."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import pytest
 from torch import Tensor, nn
 
-from models import DEQ, ModelSpec, ModelStats, register_model
+from models import DEQ, ModelSpec, ModelStats, model_spec, register_model
 from models.base import BenchModel
 from models.deq import DEQSettings
 
 
 @dataclass(frozen=True, kw_only=True)
-class ToyConfig:
-    d_model: int = 16
+class ToyDEQConfig(DEQSettings):
+    d_model: int = 32
+    d_hidden: int = 64
     vocab_size: int = 50
     dropout: float = 0.0
-    depth: int = 2
+    max_iter: int = 12
+    b_max_iter: int = 12
+    pretrain_depth: int = 2
+    blowup: bool = False  # f(z) = 3 z + cell(z): no fixed point iteration can reach, for `diverged`
 
 
 @dataclass(frozen=True, kw_only=True)
-class ToyDEQConfig(DEQSettings):
-    d_model: int = 16
+class ToyStackConfig:
+    d_model: int = 32
+    d_hidden: int = 64
     vocab_size: int = 50
     dropout: float = 0.0
-    max_iter: int = 20
-    b_max_iter: int = 20
-    pretrain_depth: int = 2
-    blowup: bool = False  # a non-contractive cell, to exercise the diverged status
+    depth: int = 3
+
+
+class Cell(nn.Module):
+    """f(z; x) = LN(0.5 z + FFN(z) + x): contractive at init (small output projection)."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+        self.ln = nn.LayerNorm(d)
+        self.ff[2].weight.data.mul_(0.3)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.ln(0.5 * z + self.ff(z) + x)
 
 
 class _Toy(BenchModel):
-    def __init__(self, config, mode):
+    def __init__(self, config, mode: str) -> None:
         super().__init__(config, mode)
         d = config.d_model
         if mode == "lm":
             self.embedding = nn.Embedding(config.vocab_size, d)
             self.head = nn.Linear(d, config.vocab_size)
-        self.cell = nn.Linear(d, d)
-        with torch.no_grad():
-            self.cell.weight.mul_(0.3)
+        self.inject = nn.Linear(d, d)
 
-    def _in(self, x: Tensor) -> Tensor:
-        return self.embedding(x) if self.mode == "lm" else x
-
-    def _out(self, h: Tensor, targets: Tensor | None, stats: ModelStats):
-        out = self.head(h) if self.mode == "lm" else h
+    def forward(self, x: Tensor, targets: Tensor | None = None, memory=None):
+        x = self.embedding(x) if self.mode == "lm" else x  # (B, T, d)
+        z, stats = self.core(self.inject(x))
+        out = self.head(z) if self.mode == "lm" else z
         return (out if targets is None else self.loss(out, targets)), stats
 
 
-class ToyTied(_Toy):
-    def forward(self, x, targets=None, memory=None):
-        u = self._in(x)
-        h = torch.zeros_like(u)
-        for _ in range(self.config.depth):
-            h = torch.tanh(self.cell(h) + u)
-        return self._out(h, targets, ModelStats(nfe_forward=self.config.depth))
-
-
 class ToyDEQ(_Toy):
-    def __init__(self, config, mode):
+    def __init__(self, config: ToyDEQConfig, mode: str) -> None:
         super().__init__(config, mode)
+        self.cell = Cell(config.d_model, config.d_hidden)
         self.deq = DEQ.from_config(config)
 
-    def forward(self, x, targets=None, memory=None):
-        u = self._in(x)
-        scale = 3.0 if self.config.blowup else 1.0
-        z, stats = self.deq(lambda h: scale * h + torch.tanh(self.cell(h) + u) if self.config.blowup
-                            else torch.tanh(self.cell(h) + u), torch.zeros_like(u))
-        return self._out(z, targets, stats)
+    def core(self, injection: Tensor) -> tuple[Tensor, ModelStats]:
+        if self.config.blowup:
+            return self.deq(lambda z: 3.0 * z + self.cell(z, injection), injection.new_zeros(injection.shape))
+        return self.deq(lambda z: self.cell(z, injection), injection.new_zeros(injection.shape))
 
 
-register_model(ModelSpec(name="toy-deq", family="toy", variant="deq", config=ToyDEQConfig,
-                         sizes={"debug": {}, "big": {"d_model": 64}}, build=ToyDEQ))
-register_model(ModelSpec(name="toy-tied", family="toy", variant="tied", config=ToyConfig,
-                         sizes={"debug": {}, "big": {"d_model": 64}}, build=ToyTied))
+class ToyStack(_Toy):
+    def __init__(self, config: ToyStackConfig, mode: str) -> None:
+        super().__init__(config, mode)
+        self.layers = nn.ModuleList(Cell(config.d_model, config.d_hidden) for _ in range(config.depth))
+
+    def core(self, injection: Tensor) -> tuple[Tensor, ModelStats]:
+        z = injection.new_zeros(injection.shape)
+        for layer in self.layers:
+            z = layer(z, injection)
+        return z, ModelStats(nfe_forward=len(self.layers))
+
+
+class ToyTied(_Toy):
+    def __init__(self, config: ToyStackConfig, mode: str) -> None:
+        super().__init__(config, mode)
+        self.cell = Cell(config.d_model, config.d_hidden)
+
+    def core(self, injection: Tensor) -> tuple[Tensor, ModelStats]:
+        z = injection.new_zeros(injection.shape)
+        for _ in range(self.config.depth):
+            z = self.cell(z, injection)
+        return z, ModelStats(nfe_forward=self.config.depth)
+
+
+BIG = {"d_model": 64, "d_hidden": 256}
+WIDE = {"d_model": 1024, "d_hidden": 4096}
+TOY_SPECS = (
+    ModelSpec(name="toy-deq", family="toy", variant="deq", config=ToyDEQConfig,
+              sizes={"debug": {}, "big": BIG, "wide": {**WIDE, "max_iter": 30}}, build=ToyDEQ),
+    ModelSpec(name="toy-stack", family="toy", variant="untied", config=ToyStackConfig,
+              sizes={"debug": {}, "big": BIG, "wide": {**WIDE, "depth": 70}}, build=ToyStack),
+    ModelSpec(name="toy-tied", family="toy", variant="tied", config=ToyStackConfig,
+              sizes={"debug": {}, "big": BIG, "wide": {**WIDE, "depth": 70}}, build=ToyTied),
+)
+TOY_MODELS = tuple(spec.name for spec in TOY_SPECS)
+
+
+def register() -> None:
+    for spec in TOY_SPECS:
+        register_model(spec)
+
+# transformers treats a FakeTensor as "tracing" and then materialises the causal mask that a real
+# step leaves to SDPA's is_causal: the fake step runs other ops (a few T x T temporaries more).
+HF_TRACES_FAKES = "transformers takes its tracing path on fake tensors (explicit causal mask)"
+
+
+def registered_param(name: str):
+    """A registered model as a test parameter; `hf` models xfail where predicted must be exact."""
+    hf = model_spec(name).variant == "hf"
+    return pytest.param(name, marks=pytest.mark.xfail(reason=HF_TRACES_FAKES, strict=False) if hf else ())

@@ -4,7 +4,7 @@ import pytest
 
 from bench.measure import Workload, measure
 from models import list_models
-from tests.bench.measure.toys import registered_param
+from tests.bench.toy_models import registered_param
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"

@@ -9,7 +9,7 @@ import pytest
 
 from bench.measure import Workload, measure
 from models import list_models, model_spec
-from tests.bench.measure.toys import TOY_MODELS, registered_param
+from tests.bench.toy_models import TOY_MODELS, registered_param
 
 REGISTERED = list_models()  # the real families; empty until they are merged into this tree
 PAPER_SIZES = [(m, s) for m in REGISTERED for s in model_spec(m).sizes if s.startswith("paper")]
