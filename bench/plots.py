@@ -1124,6 +1124,26 @@ def _training_logs(run_dir: Path) -> list[tuple[str, pd.DataFrame, str | None]]:
         if config.get("depth"):
             label += f" L={config['depth']}"
         found.append((label, log, _variant_of(model)))
+    return found + _fit_logs(run_dir)
+
+
+def _fit_logs(run_dir: Path) -> list[tuple[str, pd.DataFrame, str | None]]:
+    """Fit cases of a benchmark run: results.csv's `train_curve` (the train log's main columns,
+    bench/train.py) as a log."""
+    if not (run_dir / RESULTS).is_file():
+        return []
+    df = read_results(run_dir)
+    if "train_curve" not in df:
+        return []
+    found = []
+    for r in df[df["train_curve"].notna()].itertuples():
+        log = pd.DataFrame(json.loads(r.train_curve))  # column -> values, bench.train.CURVE_COLUMNS
+        if log.empty or "loss" not in log:
+            continue
+        log["ppl"] = [math.exp(min(v, 700.0)) for v in log["loss"]]
+        log["memory_source"] = r.memory_source
+        label = r.model if pd.isna(r.depth) else f"{r.model} L={r.depth:.0f}"
+        found.append((f"{label} T={r.seq_len}", log, r.variant))
     return found
 
 

@@ -55,6 +55,9 @@ LOG, SUMMARY, CHECKPOINT = "train_log.csv", "train.json", "checkpoint.pt"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "ppl", "grad_norm", "tokens_per_s", "elapsed_s",
                "pretrain", "nfe_forward", "nfe_backward", "residual_forward", "residual_backward",
                "peak_bytes", "memory_source", "valid_loss", "valid_ppl")
+# The log columns a fit case keeps in results.csv's `train_curve` (JSON: column -> values).
+CURVE_COLUMNS = ("step", "elapsed_s", "loss", "tokens_per_s", "peak_bytes", "nfe_forward",
+                 "nfe_backward", "residual_forward", "residual_backward", "valid_ppl")
 CHECKPOINT_VERSION = 1
 TIMED_STEP_CAP = 1_000_000  # steps allowed to a run budgeted in seconds only
 EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT; the checkpoint is saved
@@ -180,7 +183,7 @@ class Outcome:
     residual_backward: float | None
     params: int
     params_nonembed: int
-    curve: list[tuple[int, float, float]]  # (step, elapsed_s, loss) per log row
+    curve: list[dict[str, Any]]  # the train_log.csv rows
 
 
 class Trainer:
@@ -214,7 +217,7 @@ class Trainer:
         self.memory: Any = None
         self.sums = Sums()
         self.step_times: list[float] = []
-        self.curve: list[tuple[int, float, float]] = []
+        self.curve: list[dict[str, Any]] = []  # the log rows so far
         self.last_valid: tuple[float, float] | None = None
         self._last_row: dict[str, Any] = {}  # the latest train_log.csv row
         self.peaks: list[tuple[int, int]] = []  # (step, peak bytes): tracked steps or log rows
@@ -262,7 +265,7 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "position": self.position,
             "elapsed": self.elapsed, "memory": pack_memory(self.memory), "rng": rng,
             "sums": dataclasses.asdict(self.sums), "step_times": self.step_times,
-            "curve": [list(p) for p in self.curve], "last_valid": self.last_valid,
+            "curve": self.curve, "last_valid": self.last_valid,
             "peaks": [list(p) for p in self.peaks], "uses_memory": self.uses_memory,
             "solving_since": self.solving_since,
         }
@@ -275,7 +278,7 @@ class Trainer:
         self.memory = unpack_memory(s["memory"], self.device)
         self.sums = Sums(**s["sums"])
         self.step_times = list(s["step_times"])
-        self.curve = [tuple(p) for p in s["curve"]]
+        self.curve = list(s["curve"])
         self.last_valid = tuple(s["last_valid"]) if s["last_valid"] is not None else None
         self.peaks = [tuple(p) for p in s["peaks"]]
         self.uses_memory = s["uses_memory"]
@@ -484,7 +487,7 @@ class Trainer:
             "peak_bytes": peak, "memory_source": self.memory_source if peak is not None else None,
             "valid_loss": valid[0] if valid else None, "valid_ppl": valid[1] if valid else None,
         }
-        self.curve.append((self.step, self.elapsed, loss))
+        self.curve.append(row)
         self._last_row = row
         self.sums = Sums()
         if self.out is not None:
@@ -526,7 +529,7 @@ class Trainer:
         last = self._last_row
         return Outcome(
             status=self.status, steps=self.step, train_s=self.elapsed,
-            train_loss=self.curve[-1][2] if self.curve else None,
+            train_loss=self.curve[-1]["loss"] if self.curve else None,
             valid_ppl=self.last_valid[1] if self.last_valid else None,
             test_ppl=test[1] if test else None, optimal_ppl=self.optimal_ppl(),
             unigram_ppl=self.corpus.unigram_ppl("test") if self.corpus.test is not None else None,
@@ -630,6 +633,11 @@ def unpack_memory(obj: Any, device: torch.device) -> Any:
     return tuple(values) if kind == "tuple" else values
 
 
+def _round(value: Any) -> Any:
+    """Six significant digits: enough for a curve, a tenth of the JSON."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -718,7 +726,7 @@ def fit_case(case: Any, device: str, settings: Any, instruments: tuple[str, ...]
         "residual_forward": o.residual_forward, "residual_backward": o.residual_backward,
         "valid_ppl": o.valid_ppl, "test_ppl": o.test_ppl, "optimal_ppl": o.optimal_ppl,
         "train_steps": o.steps, "train_s": o.train_s,
-        "train_curve": [[s, round(e, 3), round(loss, 5)] for s, e, loss in o.curve],
+        "train_curve": {col: [_round(row.get(col)) for row in o.curve] for col in CURVE_COLUMNS},
         "error": None if o.status == "ok" else f"training loss or gradient not finite at step {o.steps}",
     }
 
@@ -827,15 +835,15 @@ def _curves(run_dir: Path) -> dict[str, dict[str, Any]]:
         return {}
     curves = {}
     for r in df[df["train_curve"].notna()].itertuples():
-        points = json.loads(r.train_curve)
-        if not points:
+        log = pd.DataFrame(json.loads(r.train_curve))
+        if log.empty:
             continue
         label = r.model if pd.isna(r.depth) else f"{r.model} L{r.depth:.0f}"
-        steps, elapsed, losses = zip(*points, strict=True)
+        valid = log.dropna(subset=["valid_ppl"])
         curves[f"{label} T{r.seq_len}"] = {
-            "step": list(steps), "elapsed_s": list(elapsed), "ppl": [_exp(v) for v in losses],
-            "valid_step": [steps[-1]], "valid_elapsed_s": [elapsed[-1]],
-            "valid_ppl": [r.valid_ppl] if pd.notna(r.valid_ppl) else [],
+            "step": log["step"].tolist(), "elapsed_s": log["elapsed_s"].tolist(),
+            "ppl": [_exp(v) for v in log["loss"]], "valid_step": valid["step"].tolist(),
+            "valid_elapsed_s": valid["elapsed_s"].tolist(), "valid_ppl": valid["valid_ppl"].tolist(),
             "optimal_ppl": r.optimal_ppl if pd.notna(r.optimal_ppl) else None,
         }
     return curves

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from torch.utils._pytree import tree_leaves
 
-from bench import analysis, cli
+from bench import analysis, cli, plots
 from bench.data import Splits, load_corpus
 from bench.results import COLUMNS, append_row, case_columns, read_results
 from bench.spec import Case, RunSettings, SpecError, load_preset, parse_matrix
@@ -287,7 +287,9 @@ def test_fit_case_is_a_results_row_with_perplexity(tmp_path):
     assert 1.0 < row["optimal_ppl"] < row["valid_ppl"]
     assert row["memory_source"] == "tracked" and row["peak_bytes"] > 0
     assert row["nfe_forward"] > 0 and row["tokens_per_s"] > 0
-    assert [p[0] for p in row["train_curve"]] == [1, 2, 3, 4, 5, 6]
+    curve = row["train_curve"]
+    assert curve["step"] == [1, 2, 3, 4, 5, 6] and len(curve["loss"]) == 6
+    assert curve["valid_ppl"][-1] == pytest.approx(row["valid_ppl"], rel=1e-5)  # the final one
     append_row(tmp_path, {**case_columns(case), **row})
     df = read_results(tmp_path)
     assert df.loc[0, "valid_ppl"] == pytest.approx(row["valid_ppl"])
@@ -296,6 +298,8 @@ def test_fit_case_is_a_results_row_with_perplexity(tmp_path):
     line = next(li for li in analysis.quality_lines(df) if li.startswith("deq-transformer"))
     assert f"{row['valid_ppl']:.3f}" in line and f"{row['optimal_ppl']:.3f}" in line
     assert plot_training(tmp_path) == [tmp_path / "figures" / "training.png"]
+    figures = plots.plot_run(tmp_path, only=["training_curves"])  # the report's figure
+    assert [f.name for f in figures.made] == ["training_curves"]
 
 
 def test_fit_cases_with_a_time_budget():
