@@ -633,6 +633,16 @@ def unpack_memory(obj: Any, device: torch.device) -> Any:
     return tuple(values) if kind == "tuple" else values
 
 
+def _thin(rows: list[dict[str, Any]], most: int = 100) -> list[dict[str, Any]]:
+    """At most about `most` evenly spaced rows, the last one always kept (a time budget logs
+    every 10 steps however many steps it reaches; results.csv needs a curve, not the log)."""
+    if len(rows) <= most:
+        return rows
+    every = -(-len(rows) // most)
+    kept = rows[::every]
+    return kept if kept[-1] is rows[-1] else [*kept, rows[-1]]
+
+
 def _round(value: Any) -> Any:
     """Six significant digits: enough for a curve, a tenth of the JSON."""
     return float(f"{value:.6g}") if isinstance(value, float) else value
@@ -726,7 +736,7 @@ def fit_case(case: Any, device: str, settings: Any, instruments: tuple[str, ...]
         "residual_forward": o.residual_forward, "residual_backward": o.residual_backward,
         "valid_ppl": o.valid_ppl, "test_ppl": o.test_ppl, "optimal_ppl": o.optimal_ppl,
         "train_steps": o.steps, "train_s": o.train_s,
-        "train_curve": {col: [_round(row.get(col)) for row in o.curve] for col in CURVE_COLUMNS},
+        "train_curve": {col: [_round(row.get(col)) for row in _thin(o.curve)] for col in CURVE_COLUMNS},
         "error": None if o.status == "ok" else f"training loss or gradient not finite at step {o.steps}",
     }
 

@@ -302,6 +302,15 @@ def test_fit_case_is_a_results_row_with_perplexity(tmp_path):
     assert [f.name for f in figures.made] == ["training_curves"]
 
 
+def test_long_curves_are_thinned_for_results_csv():
+    from bench.train import _thin
+
+    rows = [{"step": i} for i in range(1, 790)]
+    kept = _thin(rows)
+    assert len(kept) <= 101 and kept[0]["step"] == 1 and kept[-1]["step"] == 789
+    assert _thin(rows[:50]) == rows[:50]
+
+
 def test_fit_cases_with_a_time_budget():
     case = Case(model="transformer-tied", family="transformer", variant="tied", mode="lm",
                 phase="fit", seq_len=8, batch=4, depth=2)
