@@ -8,16 +8,9 @@ import torch
 
 from bench.measure.tracked import LiveTensorCounter
 from models import build_model
+from tests.helpers import trellisnet_batch
 
 EXPLICIT = ["trellisnet", "trellisnet-ckpt"]
-
-
-def _inputs(model, batch: int, seq: int = 12):
-    c, g = model.config, torch.Generator().manual_seed(1)
-    if model.mode == "lm":
-        return (torch.randint(0, c.vocab_size, (batch, seq), generator=g),
-                torch.randint(0, c.vocab_size, (batch, seq), generator=g))
-    return torch.randn(batch, seq, c.d_model, generator=g), torch.randn(batch, seq, c.nout, generator=g)
 
 
 @pytest.mark.parametrize("name", EXPLICIT)
@@ -25,7 +18,7 @@ def _inputs(model, batch: int, seq: int = 12):
 @pytest.mark.parametrize("batch", [1, 3])
 def test_shapes_finite_loss_and_gradients(name, mode, batch):
     model = build_model(name, mode=mode, depth=5)
-    x, targets = _inputs(model, batch)
+    x, targets = trellisnet_batch(model, batch)
     out, stats = model(x)
     width = model.config.vocab_size if mode == "lm" else model.config.nout
     assert out.shape == (batch, 12, width) and stats.nfe_forward == 5
@@ -41,7 +34,7 @@ def test_checkpointing_changes_memory_not_results(segment):
     plain = build_model("trellisnet", mode="core", depth=7)
     ckpt = build_model("trellisnet-ckpt", mode="core", depth=7, ckpt_segment=segment)
     ckpt.load_state_dict(plain.state_dict())
-    x, targets = _inputs(plain, 2)
+    x, targets = trellisnet_batch(plain, 2)
     results = []
     for model in (plain, ckpt):
         loss, _ = model(x, targets)
@@ -78,7 +71,7 @@ def test_many_layers_approach_the_deq_output():
 
 def test_memory_carries_the_last_timestep():
     model = build_model("trellisnet", mode="core")
-    x, _ = _inputs(model, 2, seq=16)
+    x, _ = trellisnet_batch(model, 2, seq=16)
     with torch.no_grad():
         _, stats = model(x[:, :8])
         warm, _ = model(x[:, 8:], memory=stats.memory)
@@ -144,7 +137,7 @@ def test_memory_trend_with_depth():
 @pytest.mark.parametrize("name", ["deq-trellisnet", *EXPLICIT])
 def test_runs_on_cuda_as_on_cpu(name):
     model = build_model(name, mode="core")
-    x, targets = _inputs(model, 2)
+    x, targets = trellisnet_batch(model, 2)
     cpu_loss, _ = model(x, targets)
     model.cuda()
     loss, stats = model(x.cuda(), targets.cuda())

@@ -6,21 +6,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
 from models.trellisnet import TrellisNetMemory
-
-
-def _inputs(model, batch: int, seq: int = 12):
-    c, g = model.config, torch.Generator().manual_seed(1)
-    if model.mode == "lm":
-        return (torch.randint(0, c.vocab_size, (batch, seq), generator=g),
-                torch.randint(0, c.vocab_size, (batch, seq), generator=g))
-    return torch.randn(batch, seq, c.d_model, generator=g), torch.randn(batch, seq, c.nout, generator=g)
+from tests.helpers import trellisnet_batch
 
 
 @pytest.mark.parametrize("mode", ["lm", "core"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_shapes_finite_loss_and_gradients(mode, batch):
     model = build_model("deq-trellisnet", mode=mode)
-    x, targets = _inputs(model, batch)
+    x, targets = trellisnet_batch(model, batch)
     out, _ = model(x)
     width = model.config.vocab_size if mode == "lm" else model.config.nout
     assert out.shape == (batch, 12, width)
@@ -76,7 +69,7 @@ def test_segments_with_memory_reach_the_whole_sequence_fixed_point():
 
 def test_memory_is_the_detached_last_timestep():
     model = build_model("deq-trellisnet", mode="core")
-    x, targets = _inputs(model, 2)
+    x, targets = trellisnet_batch(model, 2)
     _, stats = model(x, targets)
     memory, H = stats.memory, model.config.h_size
     assert isinstance(memory, TrellisNetMemory)
@@ -91,7 +84,7 @@ def test_pretrain_unrolls_tied_layers():
     deq = build_model("deq-trellisnet", mode="core")
     explicit = build_model("trellisnet", mode="core", depth=deq.config.pretrain_depth)
     explicit.load_state_dict(deq.state_dict())
-    x, targets = _inputs(deq, 2)
+    x, targets = trellisnet_batch(deq, 2)
     assert deq.pretrain is False
     deq.pretrain = True
     out, stats = deq(x)
