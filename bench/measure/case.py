@@ -3,41 +3,30 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bench.measure.instrument import make_instrument
-from bench.measure.protocol import measure
-from bench.measure.workload import Workload
+from bench.measure import default_instruments, make_instrument, measure
 from bench.results import COLUMNS
 
-
-def workload_of(case: Any, device: str, settings: Any) -> Workload:
-    overrides = dict(case.overrides)
-    if case.is_deq:
-        overrides.update(solver=case.solver, backward=case.backward)
-    return Workload(
-        model=case.model, size=case.size, mode=case.mode, phase=case.phase, batch=case.batch,
-        seq_len=case.seq_len, depth=case.depth, overrides=tuple(sorted(overrides.items())),
-        device=device, dtype=settings.dtype, seed=settings.seed,
-    )
+if TYPE_CHECKING:
+    from bench.spec import Case, RunSettings
 
 
-def measure_case(case: Any, device: str, settings: Any, instruments: tuple[str, ...]) -> dict[str, Any]:
+def measure_case(case: Case, device: str, settings: RunSettings,
+                 instruments: tuple[str, ...]) -> dict[str, Any]:
     """The row of one case: every instrument the device allows (or those named), raw numbers;
     `status` is ok, or diverged when a solver diverged (its numbers are kept)."""
     return case_row(measure_case_result(case, device, settings, instruments), device)
 
 
-def measure_case_result(case: Any, device: str, settings: Any,
+def measure_case_result(case: Case, device: str, settings: RunSettings,
                         instruments: tuple[str, ...]) -> dict[str, Any]:
     """Everything `measure()` returns for one case, extras included (e.g. the CUDA workspace a
     torch_cuda peak holds besides the model's tensors), before it is cut down to a row."""
-    from bench.measure import default_instruments
-
     names = list(instruments) or default_instruments(device)
     chosen = [make_instrument(n, repeats=settings.repeats, warmup=settings.warmup) if n == "timing"
               else make_instrument(n) for n in names]
-    return measure(workload_of(case, device, settings), chosen, warmup=max(1, settings.warmup))
+    return measure(case.workload(device, settings), chosen, warmup=max(1, settings.warmup))
 
 
 def case_row(result: dict[str, Any], device: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import (
     shape_wrapper,
 )
 
-from bench.measure.instrument import FLOPS, Instrument, register_instrument
+from bench.measure.instrument import FLOPS, Instrument
 
 if TYPE_CHECKING:
     from bench.measure.workload import Bench
@@ -62,7 +62,6 @@ class FlopCounter(TorchDispatchMode):
         return out
 
 
-@register_instrument
 class Flops(Instrument):
     name = "flops"
     passes = (FLOPS,)

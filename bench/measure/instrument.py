@@ -1,4 +1,4 @@
-"""What every instrument shares, and the registry of instruments by name.
+"""What every instrument shares (the registry by name is bench.measure's).
 
 An instrument observes steps of a workload and reports named raw numbers. `measure()` drives
 them through *passes*, each a few steps of one built workload:
@@ -21,7 +21,7 @@ and calls on each instrument, in order:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -78,52 +78,3 @@ class Instrument:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-INSTRUMENTS: dict[str, type[Instrument]] = {}
-
-
-def register_instrument(cls: type[Instrument]) -> type[Instrument]:
-    if not cls.name or not cls.passes or not set(cls.passes) <= set(PASSES):
-        raise ValueError(f"{cls.__name__} needs a name and passes among {PASSES}")
-    INSTRUMENTS[cls.name] = cls
-    return cls
-
-
-def check_instrument(name: str) -> str:
-    _load()
-    if name not in INSTRUMENTS:
-        raise ValueError(
-            f"unknown instrument {name!r}; valid instruments: {', '.join(sorted(INSTRUMENTS))}"
-        )
-    return name
-
-
-def make_instrument(name: str, **options: Any) -> Instrument:
-    return INSTRUMENTS[check_instrument(name)](**options)
-
-
-def make_instruments(items: Iterable[str | Instrument]) -> list[Instrument]:
-    """Instances from names (checked before anything runs) or ready-made instruments."""
-    items = list(items)
-    for item in items:
-        if isinstance(item, str):
-            check_instrument(item)
-    return [item if isinstance(item, Instrument) else make_instrument(item) for item in items]
-
-
-def list_instruments() -> list[str]:
-    _load()
-    return sorted(INSTRUMENTS)
-
-
-def default_instruments(device: torch.device | str) -> list[str]:
-    """Everything the device allows: the GPU-only ones are left out on a CPU."""
-    device = torch.device(device)
-    gpu = ["torch_cuda", "nvml"] if device.type == "cuda" else []
-    return [*gpu, "tracked", "predicted", "flops", "timing"]
-
-
-def _load() -> None:
-    # The instrument modules register themselves on import.
-    from bench.measure import flops, memory, nvml, timing  # noqa: F401

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.measure.instrument import MEMORY, TIMED, Instrument, register_instrument
+from bench.measure.instrument import MEMORY, TIMED, Instrument
 
 if TYPE_CHECKING:
     from bench.measure.workload import Bench, Workload
@@ -166,7 +166,6 @@ def energy_delta_mj(start_mj: int, end_mj: int) -> int:
     return (end_mj - start_mj) % ENERGY_COUNTER_MODULUS
 
 
-@register_instrument
 class NvmlMemory(Instrument):
     """Process and device memory (memory pass) and energy per token (timed pass) from NVML."""
 

@@ -16,21 +16,12 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from bench.measure.instrument import (
-    FLOPS,
-    MEMORY,
-    PASSES,
-    PREDICT,
-    TIMED,
-    Instrument,
-    default_instruments,
-    make_instruments,
-)
+from bench.measure.instrument import FLOPS, MEMORY, PASSES, PREDICT, TIMED, Instrument
 from bench.measure.workload import Bench, Workload, fake_tensors
 from models import ModelStats
 
@@ -45,6 +36,7 @@ RESULT_COLUMNS = (
     "nvml_device_bytes",
     "tracked_bytes",
     "predicted_bytes",
+    "predicted_cuda_bytes",
     "step_s_median",
     "step_s_iqr",
     "tokens_per_s",
@@ -63,23 +55,17 @@ MEMORY_SOURCES = (
 )
 
 
-def measure(
-    workload: Workload,
-    instruments: Iterable[str | Instrument] | None = None,
-    *,
-    warmup: int = 1,
-) -> dict[str, Any]:
+def measure(workload: Workload, chosen: Sequence[Instrument], *, warmup: int = 1) -> dict[str, Any]:
     """The result columns of one workload (RESULT_COLUMNS first, then each instrument's extras,
     `params`, `params_nonembed`, `predict_s`, `diverged` and `notes`).
 
-    `instruments`: names (fresh instances) or instances (e.g. `make_instrument("timing",
-    repeats=20)`; one measure() call each); None = everything the device allows. Unknown names
-    raise before anything runs; instruments the device does not allow are skipped, the reason in
-    `notes`. Errors of the workload itself (out of memory, a crashing model) propagate."""
+    `chosen`: instrument instances (e.g. `make_instrument("timing", repeats=20)`; one measure()
+    call each; `bench.measure.measure` takes names). Instruments the device does not allow are
+    skipped, the reason in `notes`. Errors of the workload itself (out of memory, a crashing
+    model) propagate."""
     if warmup < 1:
         raise ValueError("warmup must be >= 1: static memory exists only after a first step")
     device = torch.device(workload.device)
-    chosen = make_instruments(default_instruments(device) if instruments is None else instruments)
     active: list[Instrument] = []
     notes: list[str] = []
     for inst in chosen:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bench.measure.instrument import TIMED, Instrument, register_instrument
+from bench.measure.instrument import TIMED, Instrument
 
 if TYPE_CHECKING:
     from bench.measure.workload import Bench
@@ -24,8 +25,9 @@ class NoisyTimingWarning(UserWarning):
     """Step times spread more than the tolerated IQR/median."""
 
 
-def summarize(seconds: list[float]) -> tuple[float, float | None]:
-    """(median, interquartile range); the IQR needs at least two samples."""
+def summarize(seconds: Sequence[float]) -> tuple[float, float | None]:
+    """(median, interquartile range, inclusive quartiles); the IQR needs at least two samples.
+    The one summary of step times: every row's step_s_median / step_s_iqr come from here."""
     median = statistics.median(seconds)
     if len(seconds) < 2:
         return median, None
@@ -33,7 +35,20 @@ def summarize(seconds: list[float]) -> tuple[float, float | None]:
     return median, q3 - q1
 
 
-@register_instrument
+def step_statistics(seconds: Sequence[float], tokens_per_step: int) -> dict[str, Any]:
+    """The timing columns of a row from its step times: median, IQR and tokens/s at the median
+    (robust to a stray slow step, unlike a mean). Empty without steps."""
+    if not seconds:
+        return {}
+    median, iqr = summarize(seconds)
+    return {
+        "step_s_median": median,
+        "step_s_iqr": iqr,
+        "tokens_per_s": tokens_per_step / median if median > 0 else None,
+        "timing_steps": len(seconds),
+    }
+
+
 class Timing(Instrument):
     name = "timing"
     passes = (TIMED,)
@@ -71,7 +86,8 @@ class Timing(Instrument):
     def results(self) -> dict[str, Any]:
         if not self.seconds:
             return {}
-        median, iqr = summarize(self.seconds)
+        stats = step_statistics(self.seconds, self._tokens)
+        median, iqr = stats["step_s_median"], stats["step_s_iqr"]
         if iqr is not None and median > 0 and iqr / median > self.max_rel_iqr:
             message = (
                 f"step time IQR/median = {iqr / median:.0%} > {self.max_rel_iqr:.0%} over "
@@ -79,9 +95,4 @@ class Timing(Instrument):
             )
             warnings.warn(message, NoisyTimingWarning, stacklevel=2)
             self.notes.append(message)
-        return {
-            "step_s_median": median,
-            "step_s_iqr": iqr,
-            "tokens_per_s": self._tokens / median if median > 0 else None,
-            "timing_steps": len(self.seconds),
-        }
+        return stats

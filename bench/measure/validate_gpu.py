@@ -13,7 +13,6 @@ runs the CPU instruments, says why the GPU ones are missing, and skips the check
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import sys
@@ -24,9 +23,9 @@ from typing import Any
 import torch
 
 from bench.env import capture, device_kind
-from bench.measure.instrument import Instrument, default_instruments, make_instrument
-from bench.measure.protocol import RESULT_COLUMNS, measure
-from bench.measure.workload import Workload
+from bench.measure import RESULT_COLUMNS, Instrument, Workload, default_instruments, make_instrument
+from bench.measure.protocol import measure
+from bench.results import csv_text
 from models import list_models
 
 CASE_COLUMNS = ("model", "size", "mode", "phase", "batch", "seq_len", "device")
@@ -63,7 +62,8 @@ def gaps(row: dict[str, Any], tolerance: float) -> dict[str, Any]:
         "predicted_vs_cuda": None,
         "predicted_vs_cuda_raw": None,
     }
-    cuda, predicted = row.get("cuda_peak_bytes"), row.get("predicted_bytes")
+    # the allocator hands out 512-byte blocks: compare its peak with the prediction rounded alike
+    cuda, predicted = row.get("cuda_peak_bytes"), row.get("predicted_cuda_bytes")
     if row.get("error"):
         out["check"] = "error"
     elif cuda is None or predicted is None:
@@ -91,11 +91,7 @@ def run_case(workload: Workload, instruments: list[Instrument]) -> dict[str, Any
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     columns = list(dict.fromkeys([*CASE_COLUMNS, *RESULT_COLUMNS, *GAP_COLUMNS,
                                   *(k for r in rows for k in r)]))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    path.write_text(csv_text(columns, rows, header=True))
 
 
 def summary(rows: list[dict[str, Any]], tolerance: float) -> str:

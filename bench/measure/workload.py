@@ -6,7 +6,9 @@
     stats = bench.step()              # forward + backward + optimizer step -> ModelStats
 
 The same code builds a bench of fake tensors (`with fake_tensors(): Bench(workload, fake=True)`),
-which is how `predicted` sees the memory of a step without allocating it.
+which is how `predicted` sees the memory of a step without allocating it, and it is the step that
+training (bench.train) runs on real data: `bench.feed(x, y)` before `bench.step()`, with the
+learning rate, weight decay and gradient clipping of the training recipe.
 """
 
 from __future__ import annotations
@@ -97,9 +99,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 class Bench:
     """A workload built: model, optimizer (train), inputs and targets, and `step()`.
 
-    `fake=True` builds on `fake_device(workload)`; call it inside `fake_tensors()`."""
+    `fake=True` builds on `fake_device(workload)`; call it inside `fake_tensors()`. `lr`,
+    `weight_decay` and `clip` (gradient-norm clipping, 0 = off) set the optimizer step;
+    `grad_norm=True` keeps each step's gradient norm in `self.grad_norm` (clipping does anyway);
+    `keep_loss=True` keeps each step's loss in `self.loss` (detached; reading it is a host sync,
+    the caller's choice). Both are off for measurements: a loss kept alive through the optimizer
+    step is memory the step would not otherwise hold (MSE's scalar holds an input-sized storage)."""
 
-    def __init__(self, workload: Workload, *, fake: bool = False) -> None:
+    def __init__(self, workload: Workload, *, fake: bool = False, lr: float = LEARNING_RATE,
+                 weight_decay: float = 0.0, clip: float = 0.0, grad_norm: bool = False,
+                 keep_loss: bool = False) -> None:
         w = workload
         self.workload = w
         self.fake = fake
@@ -118,9 +127,14 @@ class Bench:
             # foreach is what Adam picks by itself on CUDA; fixing it from the *workload's* device
             # lets a fake CPU bench predict a CUDA step's optimizer temporaries too.
             self.optimizer = torch.optim.Adam(
-                self.model.parameters(), lr=LEARNING_RATE,
+                self.model.parameters(), lr=lr, weight_decay=weight_decay,
                 foreach=torch.device(w.device).type == "cuda",
             )
+        self.clip = clip
+        self.keep_grad_norm = grad_norm or clip > 0
+        self.keep_loss = keep_loss
+        self.loss: Tensor | None = None
+        self.grad_norm: Tensor | None = None
         generator = torch.Generator().manual_seed(w.seed)
         config = self.model.config
         self.targets: Tensor | None = None
@@ -144,6 +158,10 @@ class Bench:
         segment memory a Transformer-XL-style model carries to the next step."""
         return (self.model, self.optimizer, self.inputs, self.targets, self.memory)
 
+    def feed(self, inputs: Tensor, targets: Tensor | None = None) -> None:
+        """The next step's batch (training on data: token ids (B, T) and next tokens)."""
+        self.inputs, self.targets = inputs.to(self.device), None if targets is None else targets.to(self.device)
+
     def step(self) -> ModelStats:
         if self.optimizer is None:
             with torch.no_grad():
@@ -151,11 +169,22 @@ class Bench:
         else:
             loss, stats = self._loss()
             loss.backward()
+            if self.keep_loss:
+                self.loss = loss.detach()
             del loss
+            if self.keep_grad_norm:
+                self.grad_norm = self._grad_norm()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return stats
+
+    def _grad_norm(self) -> Tensor:
+        """The total gradient norm before clipping; clipped to `clip` when set."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.clip:
+            return torch.nn.utils.clip_grad_norm_(params, self.clip)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
 
     def warm_up(self, steps: int = 1) -> ModelStats | None:
         """Run `steps` unmeasured steps: Adam's state, lazily made buffers and (on CUDA) the
