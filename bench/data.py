@@ -33,20 +33,19 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from torch import Tensor
+from bench.errors import CorpusError
+
+if TYPE_CHECKING:  # imported where used: `deqbench --help` must not wait for torch
+    import numpy as np
+    from torch import Tensor
 
 UNK, EOS = "<unk>", "<eos>"
 LAYOUTS = ("wiki.{}.tokens", "ptb.{}.txt", "{}.txt")  # file name patterns, in lookup order
 ROLES = ("train", "valid", "test")
 MAX_CONTEXTS = 4096
 CACHE_VERSION = 1  # bump when the tokenisation changes, so old caches are not reused
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be loaded; the message says what and how to fix it."""
 
 
 @dataclass
@@ -73,6 +72,8 @@ class Corpus:
     def unigram_ppl(self, role: str = "test") -> float:
         """Perplexity of the best context-free model of this split: its own unigram distribution
         (an oracle bound for models that ignore context; trained models should end well below)."""
+        import torch
+
         stream = self.split(role)
         if stream is None:
             raise ValueError(f"corpus {self.name} has no {role} split")
@@ -125,6 +126,8 @@ class SyntheticSource:
     def transitions(self) -> np.ndarray:
         """(V^k, V) next-symbol probabilities; context index = sum of x_{t-i} V^(i-1) in base V
         with the newest symbol least significant."""
+        import numpy as np
+
         rng = np.random.default_rng([self.seed, 0])
         rows = rng.gamma(self.alpha, size=(self.num_contexts, self.vocab))
         rows += 1e-12  # no row of exact zeros, however small alpha is
@@ -132,11 +135,15 @@ class SyntheticSource:
 
     def next_context(self) -> np.ndarray:
         """(V^k, V) context index after seeing symbol v in context c."""
+        import numpy as np
+
         c = np.arange(self.num_contexts)[:, None]
         return (c * self.vocab) % self.num_contexts + np.arange(self.vocab)[None]
 
     def stationary(self) -> np.ndarray:
         """(V^k,) stationary distribution over contexts: solves pi = pi P, sum(pi) = 1."""
+        import numpy as np
+
         P, nxt = self.transitions(), self.next_context()
         n = self.num_contexts
         M = np.zeros((n, n))
@@ -155,6 +162,8 @@ class SyntheticSource:
     def conditional_entropy(self, context: int) -> float:
         """H(X_t | the previous `context` symbols) under stationarity, in nats. For context <
         order it is a difference of block entropies of the stationary context distribution."""
+        import numpy as np
+
         context = min(context, self.order)
         if context == self.order:
             P, pi = self.transitions(), self.stationary()
@@ -170,6 +179,9 @@ class SyntheticSource:
 
     def sample(self, n: int, seed: int) -> Tensor:
         """n consecutive symbols of the chain started from its stationary distribution."""
+        import numpy as np
+        import torch
+
         rng = np.random.default_rng([self.seed, 1, seed])
         cum = np.cumsum(self.transitions(), 1)
         cum[:, -1] = 1.0
@@ -203,6 +215,8 @@ def _synthetic_corpus(source: SyntheticSource) -> Corpus:
 
 
 def _entropy(p: np.ndarray) -> float:
+    import numpy as np
+
     p = p[p > 0]
     return float(-(p * np.log(p)).sum())
 
@@ -275,6 +289,8 @@ def build_vocab(lines: list[list[str]], max_size: int | None = None) -> list[str
 
 
 def encode(lines: list[list[str]], vocab: list[str]) -> Tensor:
+    import torch
+
     index = {w: i for i, w in enumerate(vocab)}
     unk = index[UNK]
     return torch.tensor([index.get(w, unk) for line in lines for w in line], dtype=torch.long)
@@ -328,6 +344,8 @@ def _file_hash(path: Path) -> str:
 
 
 def _read_cache(cache_dir: Path | None, key: str) -> dict | None:
+    import torch
+
     if cache_dir is None:
         return None
     path = cache_dir / f"corpus-{key}.pt"
@@ -339,6 +357,8 @@ def _read_cache(cache_dir: Path | None, key: str) -> dict | None:
 
 def _write_cache(cache_dir: Path | None, key: str, data: dict) -> None:
     """Best effort: a read-only or missing cache directory only costs re-tokenising next time."""
+    import torch
+
     if cache_dir is None:
         return
     try:
