@@ -1,18 +1,152 @@
-"""Derived views of results.csv: DEQ-vs-baseline pairs and the paper comparison.
+"""One view of a run: its rows, the DEQ-vs-baseline pairs, each training case's eval twin and
+the paper comparison, derived once from results.csv (and env.json).
 
-Every number here is recomputed from the table's raw bytes and seconds, so the summary printed by
-`deqbench run`, the report and the figures agree with the CSV by construction.
+    view = RunView.load("results/latest")
+    view.pairs        # each DEQ case against every explicit case of its family at its shape
+    view.paper        # PAPER.md's pairs beside ours at the paper protocol
+    view.twins        # training case id -> its eval twin's id
+    view.quality      # fit cases: perplexity beside speed and memory
+
+The report, the figures, `deqbench check` and the summary `deqbench run` prints all read this
+view, so every number they show is recomputed from the table's raw bytes and seconds the same way.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from bench.format import fmt, format_bytes, format_pct
 from bench.paper import PAIRS, PROTOCOL
+from bench.results import COLUMNS, LATER_COLUMNS, OK_STATUSES, read_env, read_results
 
 PAIR_KEY = ["family", "size", "mode", "phase", "seq_len", "batch"]
+# Columns that make a case what it is, apart from its phase: a training case and its eval twin
+# agree on all of them.
+TWIN_KEY = ["model", "size", "mode", "seq_len", "batch", "depth", "solver", "backward", "overrides"]
+SOURCE_LABELS = {
+    "torch_cuda": "torch.cuda max allocated",
+    "tracked": "tracked (live tensor bytes)",
+    "predicted": "predicted (fake tensors, nothing allocated)",
+}
+
+
+@dataclass
+class RunView:
+    """A run directory (or in-process rows) read once; derived tables computed on first use."""
+
+    dir: Path | None
+    df: pd.DataFrame
+    env: dict[str, Any] = field(default_factory=dict)
+    missing: set[str] = field(default_factory=set)  # schema columns absent from this results.csv
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> RunView:
+        run_dir = Path(run_dir)
+        return cls.of(read_results(run_dir), read_env(run_dir), run_dir)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Mapping[str, Any]], env: dict[str, Any] | None = None) -> RunView:
+        """Rows measured in this process (dicts of result columns), e.g. by a test."""
+        return cls.of(pd.DataFrame(list(rows)), env or {}, None)
+
+    @classmethod
+    def of(cls, df: pd.DataFrame, env: dict[str, Any], run_dir: Path | None) -> RunView:
+        df = df.copy()
+        absent = [c for c in COLUMNS if c not in df.columns]
+        for c in absent:  # absent columns read as empty cells; each figure says what it lacks
+            df[c] = None
+        missing = set(absent) - set(LATER_COLUMNS)
+        for c in ("depth", "seq_len", "batch", "peak_bytes"):
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+        return cls(run_dir, df, env, missing)
+
+    # -- what the run is -------------------------------------------------------------------------
+    @property
+    def preset(self) -> str:
+        return (self.env.get("matrix") or {}).get("name") or "unknown preset"
+
+    @property
+    def device(self) -> str:
+        name = self.env.get("device_name") or _first(self.df, "device_name") or "unknown device"
+        device = self.env.get("device") or _first(self.df, "device") or "?"
+        predicted = set(self.df["memory_source"].dropna()) == {"predicted"}
+        return f"predicted on {device} ({name})" if predicted else f"{device}: {name}"
+
+    @property
+    def matched_params(self) -> bool:
+        settings = (self.env.get("matrix") or {}).get("settings") or {}
+        return bool(settings.get("match_params")) and (self.df["variant"] == "untied").any()
+
+    def lacks(self, *columns: str) -> str | None:
+        gone = [c for c in columns if c in self.missing]
+        return f"results.csv has no {', '.join(gone)} column{'s' if len(gone) > 1 else ''}" if gone else None
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """Rows whose numbers exist and that have a peak."""
+        df = self.df
+        return df[df["status"].isin(OK_STATUSES) & df["peak_bytes"].notna()]
+
+    def sources(self, rows: pd.DataFrame | None = None) -> list[str]:
+        rows = self.df if rows is None else rows
+        return sorted(set(rows["memory_source"].dropna()))
+
+    # -- derived tables --------------------------------------------------------------------------
+    @cached_property
+    def pairs(self) -> pd.DataFrame:
+        return pairs(self.df)
+
+    @cached_property
+    def train_pairs(self) -> pd.DataFrame:
+        """Training-step pairs (the paper's memory claim is about training)."""
+        p = self.pairs
+        return p[p["phase"] == "train"] if not p.empty else p
+
+    @cached_property
+    def paper(self) -> pd.DataFrame:
+        return paper_table(self.df)
+
+    @cached_property
+    def quality(self) -> pd.DataFrame:
+        return quality_table(self.df)
+
+    @cached_property
+    def twins(self) -> dict[str, str]:
+        """Training case id -> the id of its eval twin (same model and shape, phase eval)."""
+        df = self.df
+        if df.empty:
+            return {}
+        keys = [tuple(str(v) for v in row) for row in df[TWIN_KEY].itertuples(index=False)]
+        evals = {k: cid for k, cid, phase in zip(keys, df["case_id"], df["phase"], strict=True)
+                 if phase == "eval"}
+        return {cid: evals[k] for k, cid, phase in zip(keys, df["case_id"], df["phase"], strict=True)
+                if phase == "train" and k in evals}
+
+    def why_no_pairs(self, family: str) -> str:
+        rows = self.df[self.df["family"] == family]
+        deq, base = rows[rows["variant"] == "deq"], rows[rows["variant"] != "deq"]
+        if deq.empty:
+            return "no DEQ case in this family."
+        if base.empty:
+            return "no explicit baseline in this family."
+        if not deq["status"].isin(OK_STATUSES).any():
+            counts = ", ".join(f"{n} {s}" for s, n in deq["status"].value_counts().items())
+            return f"every DEQ case failed ({counts}); see the failed cases below."
+        return "no DEQ and baseline case share a shape (seq_len, batch, size, mode, phase)."
+
+
+def _first(df: pd.DataFrame, col: str) -> str | None:
+    if col not in df:
+        return None
+    values = df[col].dropna()
+    return str(values.iloc[0]) if len(values) else None
 
 
 def pairs(df: pd.DataFrame) -> pd.DataFrame:
@@ -23,7 +157,7 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
     no reduction (its peak is unknown, only above the limit)."""
     if df.empty or "variant" not in df:
         return pd.DataFrame()
-    deq = df[(df["variant"] == "deq") & (df["status"].isin(["ok", "diverged"]))]
+    deq = df[(df["variant"] == "deq") & (df["status"].isin(OK_STATUSES))]
     base = df[df["variant"] != "deq"]
     if deq.empty or base.empty:
         return pd.DataFrame()
@@ -47,7 +181,7 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
         "nfe_forward": merged["nfe_forward_deq"],
         "nfe_backward": merged["nfe_backward_deq"],
     })
-    ok = out["baseline_status"].isin(["ok", "diverged"])
+    ok = out["baseline_status"].isin(OK_STATUSES)
     out["reduction"] = (1.0 - out["deq_peak_bytes"] / out["baseline_peak_bytes"]).where(ok)
     out["slowdown"] = (out["deq_step_s"] / out["baseline_step_s"]).where(ok)
     return out.sort_values(["family", "phase", "baseline_variant", "seq_len", "depth"]).reset_index(drop=True)
@@ -59,8 +193,7 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
     for pair in PAIRS:
         base = _protocol_row(df, pair.baseline_model, pair.size, pair.baseline_depth)
         deq = _protocol_row(df, pair.deq_model, pair.size, None)
-        base_peak = _peak(base)
-        deq_peak = _peak(deq)
+        base_peak, deq_peak = _peak(base), _peak(deq)
         ours = (1.0 - deq_peak / base_peak) if base_peak and deq_peak else math.nan
         rows.append({
             "pair": pair.label,
@@ -96,7 +229,7 @@ def _protocol_row(df: pd.DataFrame, model: str, size: str, depth: int | None) ->
 
 
 def _peak(row: pd.Series | None) -> float:
-    if row is None or row["status"] not in ("ok", "diverged") or pd.isna(row["peak_bytes"]):
+    if row is None or row["status"] not in OK_STATUSES or pd.isna(row["peak_bytes"]):
         return math.nan
     return float(row["peak_bytes"])
 
@@ -106,41 +239,6 @@ def _source(*rows: pd.Series | None) -> str | None:
     if not sources:
         return None
     return "predicted" if sources == {"predicted"} else "measured" if "predicted" not in sources else "mixed"
-
-
-def format_bytes(n: float | None) -> str:
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return "—"
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_pct(x: float | None) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
-def summary_lines(df: pd.DataFrame) -> list[str]:
-    """The table `deqbench run` prints at the end: per pair, peaks, reduction and slowdown."""
-    p = pairs(df)
-    lines = []
-    if p.empty:
-        return ["no DEQ-baseline pairs in these results", *quality_lines(df)]
-    head = f"{'family':<12}{'phase':<6}{'T':>5}  {'baseline':<17}{'L':>4}{'DEQ peak':>11}{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}"
-    lines.append(head)
-    lines.append("-" * len(head))
-    for r in p.itertuples():
-        slow = "—" if pd.isna(r.slowdown) else f"{r.slowdown:.2f}x"
-        nfe = "—" if pd.isna(r.nfe_forward) else f"{r.nfe_forward:.0f}/" + ("—" if pd.isna(r.nfe_backward) else f"{r.nfe_backward:.0f}")
-        base_peak = format_bytes(r.baseline_peak_bytes) if r.baseline_status in ("ok", "diverged") else r.baseline_status
-        lines.append(
-            f"{r.family:<12}{r.phase:<6}{r.seq_len:>5}  {r.baseline_model:<17}{r.depth:>4.0f}"
-            f"{format_bytes(r.deq_peak_bytes):>11}{base_peak:>11}{format_pct(r.reduction):>8}{slow:>9}{nfe:>9}"
-        )
-    sources = sorted(set(df["memory_source"].dropna()))
-    lines.append(f"peak memory source: {', '.join(sources) or '—'}; saving = 1 - DEQ/baseline peak")
-    return lines + quality_lines(df)
 
 
 def quality_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -159,30 +257,46 @@ def quality_table(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["family", "seq_len", "variant", "depth"]).reset_index(drop=True)
 
 
-def quality_lines(df: pd.DataFrame) -> list[str]:
-    t = quality_table(df)
+# -- what `deqbench run` prints ---------------------------------------------------------------
+def summary_lines(view: RunView) -> list[str]:
+    """Per pair: peaks, reduction and slowdown; then the quality table of fit cases."""
+    p = view.pairs
+    if p.empty:
+        return ["no DEQ-baseline pairs in these results", *quality_lines(view)]
+    head = (f"{'family':<12}{'phase':<6}{'T':>5}  {'baseline':<17}{'L':>4}{'DEQ peak':>11}"
+            f"{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}")
+    lines = [head, "-" * len(head)]
+    for r in p.itertuples():
+        slow = "—" if pd.isna(r.slowdown) else f"{r.slowdown:.2f}x"
+        nfe = "—" if pd.isna(r.nfe_forward) else f"{r.nfe_forward:.0f}/" + fmt(r.nfe_backward, ".0f")
+        base_peak = format_bytes(r.baseline_peak_bytes) if r.baseline_status in OK_STATUSES else r.baseline_status
+        lines.append(
+            f"{r.family:<12}{r.phase:<6}{r.seq_len:>5}  {r.baseline_model:<17}{r.depth:>4.0f}"
+            f"{format_bytes(r.deq_peak_bytes):>11}{base_peak:>11}{format_pct(r.reduction):>8}{slow:>9}{nfe:>9}"
+        )
+    lines.append(f"peak memory source: {', '.join(view.sources()) or '—'}; saving = 1 - DEQ/baseline peak")
+    return lines + quality_lines(view)
+
+
+def quality_lines(view: RunView) -> list[str]:
+    t = view.quality
     if t.empty:
         return []
     head = (f"{'model':<18}{'L':>4}{'steps':>7}{'train s':>9}{'tokens/s':>10}{'peak':>11}"
             f"{'NFE f/b':>9}{'valid ppl':>11}{'optimum':>9}{'gap':>8}")
     lines = ["", "quality after the same training budget (fit cases):", head, "-" * len(head)]
     for r in t.itertuples():
-        depth = "—" if pd.isna(r.depth) else f"{r.depth:.0f}"
-        nfe = "—" if pd.isna(r.nfe_forward) else f"{r.nfe_forward:.0f}/" + ("—" if pd.isna(r.nfe_backward) else f"{r.nfe_backward:.0f}")
+        nfe = "—" if pd.isna(r.nfe_forward) else f"{r.nfe_forward:.0f}/" + fmt(r.nfe_backward, ".0f")
         lines.append(
-            f"{r.model:<18}{depth:>4}{_num(r.train_steps, '.0f'):>7}{_num(r.train_s, '.1f'):>9}"
-            f"{_num(r.tokens_per_s, ',.0f'):>10}{format_bytes(r.peak_bytes):>11}{nfe:>9}"
-            f"{_num(r.valid_ppl, '.3f'):>11}{_num(r.optimal_ppl, '.3f'):>9}{format_pct(r.gap):>8}"
+            f"{r.model:<18}{fmt(r.depth, '.0f'):>4}{fmt(r.train_steps, '.0f'):>7}{fmt(r.train_s, '.1f'):>9}"
+            f"{fmt(r.tokens_per_s, ',.0f'):>10}{format_bytes(r.peak_bytes):>11}{nfe:>9}"
+            f"{fmt(r.valid_ppl, '.3f'):>11}{fmt(r.optimal_ppl, '.3f'):>9}{format_pct(r.gap):>8}"
         )
     return lines
 
 
-def _num(value: float | None, spec: str) -> str:
-    return "—" if value is None or pd.isna(value) else format(value, spec)
-
-
-def paper_lines(df: pd.DataFrame) -> list[str]:
-    t = paper_table(df)
+def paper_lines(view: RunView) -> list[str]:
+    t = view.paper
     t = t[t["baseline_status"].notna() | t["deq_status"].notna()]
     if t.empty:
         return []

@@ -14,7 +14,6 @@ another kind of device is refused (exit 2): its bytes and seconds are not compar
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import math
@@ -23,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+from bench.analysis import RunView
+from bench.errors import BaselineError
+from bench.results import number
 
 FORMAT = 1
 # (column, kind): memory grows = regression; speed: time up / throughput down = regression.
@@ -37,70 +38,55 @@ SLOWER_IF_UP = ("step_s_median",)
 SLOWER_IF_DOWN = ("tokens_per_s",)
 
 
-class BaselineMismatch(ValueError):
-    """The baseline cannot be compared with this run (other device kind, unreadable file)."""
-
-
-def make_baseline(run_dir: Path) -> dict[str, Any]:
-    from bench.results import read_env, read_results
-
-    df = read_results(run_dir)
-    env = read_env(run_dir)
+def make_baseline(run_dir: Path | RunView) -> dict[str, Any]:
+    view = run_dir if isinstance(run_dir, RunView) else RunView.load(run_dir)
+    df, env = view.df, view.env
     return {
         "format": FORMAT,
-        "device_kind": env.get("device_kind") or _kind_from_rows(df),
+        "device_kind": env.get("device_kind") or ("cpu" if _first(df, "device") == "cpu" else None),
         "device_name": env.get("device_name") or _first(df, "device_name"),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"run": str(run_dir), "matrix": (env.get("matrix") or {}).get("name"),
                    "git": env.get("git"), "versions": env.get("versions"),
                    "command": env.get("command")},
-        "cases": case_records(df.to_dict("records")),
+        "cases": case_records(df.to_dict("records"), view.twins),
     }
 
 
-def case_records(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+def case_records(rows: Iterable[Mapping[str, Any]],
+                 twins: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """What a baseline keeps of each result row, by case id.
 
-    A training case whose eval twin (same case, phase eval) is among `rows` also gets
+    A training case whose eval twin (same case, phase eval; `RunView.twins`, computed from the
+    rows when not given) is among `rows` also gets
     `train_minus_eval_bytes`: tracked bytes of the training step less those of the forward pass,
     i.e. what training adds (gradients, optimizer state, activations saved for backward). Saved
     activations are a small part of a DEQ's peak (Broyden's history dominates it), so a change
     there hides within a tolerance on the total and shows on this difference."""
     rows = list(rows)
+    if twins is None:
+        twins = RunView.from_rows(rows).twins
     by_id = {row["case_id"]: row for row in rows}
     cases: dict[str, Any] = {}
     for row in rows:
-        deterministic = {k: _num(row.get(k)) for k in DETERMINISTIC if _num(row.get(k)) is not None}
-        twin = by_id.get(str(row["case_id"]).replace("/train/", "/eval/", 1))
-        if row.get("phase") == "train" and twin is not None and twin.get("phase") == "eval":
-            train, forward = _num(row.get("tracked_bytes")), _num(twin.get("tracked_bytes"))
+        deterministic = {k: number(row.get(k)) for k in DETERMINISTIC if number(row.get(k)) is not None}
+        twin = by_id.get(twins.get(row["case_id"], ""))
+        if twin is not None:
+            train, forward = number(row.get("tracked_bytes")), number(twin.get("tracked_bytes"))
             if train is not None and forward is not None:
                 deterministic["train_minus_eval_bytes"] = train - forward
         cases[row["case_id"]] = {
             "status": row["status"],
             "memory_source": row.get("memory_source"),
             "deterministic": deterministic,
-            "device": {k: _num(row.get(k)) for k in DEVICE if _num(row.get(k)) is not None},
+            "device": {k: number(row.get(k)) for k in DEVICE if number(row.get(k)) is not None},
         }
     return cases
 
 
-def _num(value: Any) -> float | int | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    return value
-
-
-def _first(df: pd.DataFrame, col: str) -> Any:
+def _first(df: Any, col: str) -> Any:
     vals = df[col].dropna() if col in df else []
     return vals.iloc[0] if len(vals) else None
-
-
-def _kind_from_rows(df: pd.DataFrame) -> str | None:
-    device = _first(df, "device")
-    return "cpu" if device == "cpu" else None
 
 
 @dataclass(frozen=True)
@@ -117,11 +103,11 @@ def load_baseline(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
     except OSError as err:
-        raise BaselineMismatch(f"cannot read baseline {path}: {err.strerror or err}") from None
+        raise BaselineError(f"cannot read baseline {path}: {err.strerror or err}") from None
     except json.JSONDecodeError as err:
-        raise BaselineMismatch(f"baseline {path} is not valid JSON: {err}") from None
+        raise BaselineError(f"baseline {path} is not valid JSON: {err}") from None
     if data.get("format") != FORMAT or "cases" not in data:
-        raise BaselineMismatch(f"{path} is not a deq-bench baseline (format {FORMAT}); make one "
+        raise BaselineError(f"{path} is not a deq-bench baseline (format {FORMAT}); make one "
                                "with `deqbench baseline RUN_DIR -o FILE`")
     return data
 
@@ -130,7 +116,7 @@ def compare(run_dir: Path, baseline: dict[str, Any], tol_memory: float = 0.05,
             tol_speed: float = 0.30) -> list[Finding]:
     current = make_baseline(run_dir)
     if baseline.get("device_kind") != current.get("device_kind"):
-        raise BaselineMismatch(
+        raise BaselineError(
             f"baseline is for device kind {baseline.get('device_kind')!r} "
             f"({baseline.get('device_name')}), this run is {current.get('device_kind')!r} "
             f"({current.get('device_name')}); compare runs of the same kind of device"
@@ -205,67 +191,3 @@ def _show(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
-
-
-def parse_tolerance(text: str) -> float:
-    from bench.cli import BadInput
-
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise BadInput(f"bad tolerance {text!r}; use a percentage like 5% or a fraction like 0.05") from None
-    if value < 0:
-        raise BadInput(f"tolerance must not be negative, got {text!r}")
-    return value
-
-
-def cmd_baseline(args: argparse.Namespace) -> int:
-    from bench.cli import BadInput, check_writable_dir
-    from bench.results import RESULTS, write_json
-
-    run_dir = Path(args.run_dir)
-    if not (run_dir / RESULTS).exists():
-        raise BadInput(f"{run_dir} holds no {RESULTS}; give a run directory")
-    out = Path(args.output)
-    check_writable_dir(out.parent)
-    data = make_baseline(run_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, data)
-    print(f"baseline of {len(data['cases'])} cases ({data['device_kind']}: {data['device_name']}) -> {out}")
-    return 0
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from bench.cli import EXIT_OK, EXIT_REGRESSION, BadInput
-    from bench.results import RESULTS, read_env
-
-    run_dir = Path(args.run_dir)
-    if not (run_dir / RESULTS).exists():
-        raise BadInput(f"{run_dir} holds no {RESULTS}; give a run directory")
-    tol_memory, tol_speed = parse_tolerance(args.tol_memory), parse_tolerance(args.tol_speed)
-    try:
-        baseline = load_baseline(Path(args.baseline))
-        findings = compare(run_dir, baseline, tol_memory, tol_speed)
-    except BaselineMismatch as err:
-        raise BadInput(str(err)) from None
-    for line in format_findings(findings):
-        print(line)
-    bad = [f for f in findings if f.verdict in FAILING]
-    if baseline.get("device_name") != read_env(run_dir).get("device_name"):
-        print(f"speed not compared: baseline measured on {baseline.get('device_name')}")
-    print(f"\n{len(bad)} regression(s) against {args.baseline} "
-          f"(memory tolerance {100 * tol_memory:g}%, speed {100 * tol_speed:g}%)")
-    return EXIT_REGRESSION if bad else EXIT_OK
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("baseline", help="a regression baseline (JSON) from a run")
-    p.add_argument("run_dir")
-    p.add_argument("-o", "--output", required=True, help="baseline file to write")
-    p.set_defaults(func=cmd_baseline)
-    p = sub.add_parser("check", help="compare a run with a baseline; exit 1 on regression")
-    p.add_argument("run_dir")
-    p.add_argument("--baseline", required=True)
-    p.add_argument("--tol-memory", default="5%", help="memory growth allowed (default 5%%)")
-    p.add_argument("--tol-speed", default="30%", help="slowdown allowed (default 30%%; timings drift)")
-    p.set_defaults(func=cmd_check)
