@@ -1,30 +1,41 @@
-"""The `deqbench` command line.
+"""The `deqbench` command line: the one module that parses arguments.
 
 Exit codes: 0 done (cases may be oom); 1 a check found a regression; 2 bad input, reported as one
-line saying what and how to fix it, before anything runs or is written.
+line saying what and how to fix it, before anything runs or is written. Library modules raise
+`bench.errors.UserError` (or a ValueError from a registry) and never import this module; nothing
+heavy (torch, pandas, matplotlib) is imported before a subcommand needs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import importlib
 import json
+import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from bench.errors import RunDirError, UserError
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_PRESET = "quick"
-# Modules that add their own subcommands: each has `register(subparsers)` adding a parser whose
-# defaults set `func(args) -> exit code` (raising BadInput for bad input).
-COMMAND_MODULES: list[str] = ["bench.check", "bench.plots", "bench.report", "bench.train"]
+BadInput = UserError  # what a command raises for bad input: one line, exit 2
 
 
-class BadInput(Exception):
-    """A user error: reported as one line, exit code 2, before anything runs or is written."""
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Inside: a ValueError (a registry's unknown name, a config's bad value) is bad input."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 # -- argument checks ------------------------------------------------------------------------------
@@ -40,38 +51,57 @@ def parse_size(text: str) -> int:
     return int(value * scale)
 
 
+def parse_tolerance(text: str) -> float:
+    """'5%' or '0.05' -> 0.05."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise BadInput(f"bad tolerance {text!r}; use a percentage like 5% or a fraction like 0.05") from None
+    if not math.isfinite(value) or value < 0:
+        raise BadInput(f"tolerance must be a finite, non-negative number, got {text!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'mem_len=32' -> ('mem_len', 32); values are TOML literals, else strings; none -> None."""
+    from bench.compat import tomllib
+
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip():
+        raise BadInput(f"bad --set {text!r}; use KEY=VALUE, e.g. --set mem_len=32")
+    raw = raw.strip()
+    if raw.lower() == "none":
+        return key.strip(), None
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
 def load_matrix_arg(args: argparse.Namespace):
-    from bench.spec import SpecError, load_matrix, load_preset
+    from bench.spec import load_matrix, load_preset
 
     if args.preset and args.matrix:
         raise BadInput("give --preset or --matrix, not both")
-    try:
+    with user_errors():
         return load_matrix(args.matrix) if args.matrix else load_preset(args.preset or DEFAULT_PRESET)
-    except SpecError as err:
-        raise BadInput(str(err)) from None
-    except ValueError as err:  # a model registry error raised while expanding
-        raise BadInput(str(err)) from None
 
 
 def resolve_device_arg(requested: str) -> str:
     from bench.env import resolve_device
 
-    try:
+    with user_errors():
         return resolve_device(requested)
-    except ValueError as err:
-        raise BadInput(str(err)) from None
 
 
 def check_instruments(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
-    from bench.measure import list_instruments
+    from bench.measure import check_instrument
 
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    for n in names:
-        if n not in list_instruments():
-            raise BadInput(f"unknown instrument {n!r}; valid: {', '.join(list_instruments())}")
-    return names
+    with user_errors():
+        return tuple(check_instrument(n.strip()) for n in text.split(",") if n.strip())
 
 
 def check_writable_dir(path: Path) -> None:
@@ -82,9 +112,19 @@ def check_writable_dir(path: Path) -> None:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise BadInput(f"output path {path} is not a directory ({probe} is a file)")
+        raise RunDirError(f"output path {path} is not a directory ({probe} is a file)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInput(f"output directory {path} is not writable ({probe}); choose another --out")
+        raise RunDirError(f"output directory {path} is not writable ({probe}); choose another --out")
+
+
+def check_run_dir(text: str) -> Path:
+    from bench.results import RESULTS
+
+    run_dir = Path(text)
+    if not (run_dir / RESULTS).is_file():
+        raise RunDirError(f"{run_dir / RESULTS} does not exist; give a run directory written by "
+                          "`deqbench run` or `deqbench predict`")
+    return run_dir
 
 
 def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
@@ -94,13 +134,13 @@ def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
     if args.resume:
         out = Path(args.out) if args.out else Path("results/latest")
         if not (out / RESULTS).exists():
-            raise BadInput(f"nothing to resume: {out / RESULTS} does not exist; start a run without --resume")
+            raise RunDirError(f"nothing to resume: {out / RESULTS} does not exist; start a run without --resume")
     else:
         out = Path(args.out) if args.out else default_out_dir()
         if suffix and not args.out:
             out = out.with_name(out.name + suffix)
         if (out / RESULTS).exists():
-            raise BadInput(f"{out} already holds {RESULTS}; use --resume to finish it or choose another --out")
+            raise RunDirError(f"{out} already holds {RESULTS}; use --resume to finish it or choose another --out")
     check_writable_dir(out)
     return out
 
@@ -148,7 +188,6 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
-    from bench.results import read_results
     from bench.runner import RunOptions, link_latest, run_matrix, select_cases
 
     matrix = load_matrix_arg(args)
@@ -176,32 +215,41 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
                argv=["deqbench", *sys.argv[1:]])
     if not args.out and not args.resume:
         link_latest(out)
-    df = read_results(out)
-    for line in analysis.summary_lines(df):
+    view = analysis.RunView.load(out)
+    for line in analysis.summary_lines(view):
         print(line)
-    paper = analysis.paper_lines(df)
+    paper = analysis.paper_lines(view)
     if paper:
         print()
         for line in paper:
             print(line)
-    failed = df[~df["status"].isin(["ok"])]
+    failed = view.df[view.df["status"] != "ok"]
     if not failed.empty:
         print(f"\n{len(failed)} case(s) not ok:")
         for r in failed.itertuples():
             print(f"  {r.status:<9}{r.case_id}  {r.error or ''}")
-    _outputs(out)
+    if not args.no_report:
+        _outputs(out)
     print(f"\nresults: {out}")
     return EXIT_OK
 
 
 def _outputs(out: Path) -> None:
-    """Figures and report, where those modules exist (they are views of results.csv)."""
+    """Figures and report (views of results.csv). A figure that fails is skipped with its
+    reason inside plot_run; anything else here is reported and the run still ends with 0: the
+    measurements are on disk, and `deqbench report` redraws them."""
+    from bench import plots, report
+
     try:
-        from bench import plots, report
-    except ImportError:
+        figures = plots.plot_run(out)
+        report.write_report(out)
+    except Exception as err:  # outputs never turn a finished measurement into a failed run
+        print(f"warning: figures/report not written ({type(err).__name__}: {err}); "
+              f"the results are in {out}; retry with `deqbench report {out}`", file=sys.stderr)
         return
-    plots.plot_run(out)
-    report.write_report(out)
+    failed = [f"{name}: {why}" for name, why in figures.skipped.items() if why.startswith("failed")]
+    for line in failed:
+        print(f"warning: figure {line}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -212,7 +260,148 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return _run(args, predict=True)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from bench import plots
+
+    figures = plots.plot_run(check_run_dir(args.run_dir))
+    for fig in figures.made:
+        print(f"wrote {fig.files[0]}")
+    for name, why in figures.skipped.items():
+        print(f"skipped {name}: {why}")
+    for note in figures.notes:
+        print(f"note: {note}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench import report
+
+    path = report.write_report(check_run_dir(args.run_dir))
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from bench.check import make_baseline
+    from bench.results import write_json
+
+    run_dir = check_run_dir(args.run_dir)
+    out = Path(args.output)
+    check_writable_dir(out.parent)
+    data = make_baseline(run_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, data)
+    print(f"baseline of {len(data['cases'])} cases ({data['device_kind']}: {data['device_name']}) -> {out}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from bench.check import FAILING, compare, format_findings, load_baseline
+    from bench.results import read_env
+
+    run_dir = check_run_dir(args.run_dir)
+    tol_memory, tol_speed = parse_tolerance(args.tol_memory), parse_tolerance(args.tol_speed)
+    baseline = load_baseline(Path(args.baseline))
+    findings = compare(run_dir, baseline, tol_memory, tol_speed)
+    for line in format_findings(findings):
+        print(line)
+    bad = [f for f in findings if f.verdict in FAILING]
+    if baseline.get("device_name") != read_env(run_dir).get("device_name"):
+        print(f"speed not compared: baseline measured on {baseline.get('device_name')}")
+    print(f"\n{len(bad)} regression(s) against {args.baseline} "
+          f"(memory tolerance {100 * tol_memory:g}%, speed {100 * tol_speed:g}%)")
+    return EXIT_REGRESSION if bad else EXIT_OK
+
+
+# -- train ----------------------------------------------------------------------------------------
+def train_options() -> list[tuple[str, str, Callable[[str], Any], str]]:
+    """(option, TrainConfig field, type, help) for every field that is an option; the help ends
+    with the field's default (TrainConfig is the one source of defaults)."""
+    from bench.data import SYNTHETIC_KEYS, SyntheticSource
+    from bench.train.config import TrainConfig
+
+    types = {"int": int, "float": float, "str": str}
+    synthetic = ", ".join(f"{k} ({getattr(SyntheticSource(), k)})" for k in SYNTHETIC_KEYS)
+    options = []
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        text = f.metadata["help"].format(synthetic=synthetic) if f.name == "data" else f.metadata["help"]
+        if "default" not in text and f.default is not None:
+            text += f" (default {f.default})"
+        kind = types[str(f.type).split("|")[0].strip()]
+        options.append((f"--{f.name.replace('_', '-')}", f.name, kind, text))
+    return options
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from bench.train.config import TrainConfig
+
+    if not args.model:
+        raise BadInput("--model is required (`deqbench list` shows the models)")
+    values = {dest: getattr(args, dest) for _, dest, _, _ in train_options()
+              if getattr(args, dest) is not None}
+    train = values.get("train_split", "train")
+    for role in ("valid", "test"):  # never evaluate on the split trained on, unless asked to
+        key = f"{role}_split"
+        if key in values:
+            values[key] = None if values[key].lower() == "none" else values[key]
+        elif train == role:
+            values[key] = None
+    if args.device is not None:
+        values["device"] = args.device
+    overrides = tuple(parse_override(s) for s in args.set_)
+    with user_errors():
+        return TrainConfig(model=args.model, overrides=overrides, **values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bench.train import CHECKPOINT, EXIT_INTERRUPTED, LOG, Trainer, header_lines, summary_lines
+
+    command = ["deqbench", *sys.argv[1:]]
+    if args.device is not None:
+        resolve_device_arg(args.device)
+    if args.resume:
+        if not args.out:
+            raise BadInput("--resume needs --out: the run directory to continue")
+        given = [opt for opt, dest, _, _ in train_options() if getattr(args, dest) is not None]
+        given += ["--model"] * bool(args.model) + ["--set"] * bool(args.set_)
+        if given:
+            raise BadInput(f"--resume continues {args.out} with the settings it started with; "
+                           f"drop {', '.join(given)}")
+        with user_errors():
+            trainer = Trainer.resume(Path(args.out), progress=not args.no_progress,
+                                     device=args.device, command=command)
+    else:
+        config = train_config_from_args(args)
+        from bench.runner import default_train_dir
+        from models import model_spec
+
+        with user_errors():
+            model_spec(config.model)  # an unknown name fails here, listing the valid ones
+        out = Path(args.out) if args.out else default_train_dir(config.model)
+        if (out / CHECKPOINT).exists() or (out / LOG).exists():
+            raise RunDirError(f"{out} already holds a training run; use --resume to continue it "
+                              "or choose another --out")
+        check_writable_dir(out)
+        with user_errors():  # a config field the model does not take, a corpus that is not there
+            trainer = Trainer(config, out, progress=not args.no_progress, command=command)
+    for line in header_lines(trainer):
+        print(line, file=sys.stderr)
+    outcome = trainer.run()
+    for line in summary_lines(trainer, outcome):
+        print(line)
+    return EXIT_INTERRUPTED if outcome.status == "interrupted" else EXIT_OK
+
+
 # -- parser ---------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2) like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _matrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help=f"a preset from bench/presets (default {DEFAULT_PRESET})")
     p.add_argument("--matrix", help="a matrix TOML file")
@@ -220,14 +409,8 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out (default results/latest)")
     p.add_argument("--only", help="run only cases whose id contains or glob-matches these comma-separated patterns")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true", help="no figures or report.md (`deqbench report D` makes them later)")
     p.add_argument("--threads", type=int, help="torch threads per case (default: the preset's, else all cores)")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit 2) like every other bad input."""
-
-    def error(self, message: str):  # type: ignore[override]
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,23 +422,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("run", help="run a benchmark matrix (default preset: quick)")
+    p = sub.add_parser("run", help=f"run a benchmark matrix (default preset: {DEFAULT_PRESET})")
     _matrix_args(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--memory-limit", help="CPU only: address space each case may add, e.g. 2GB; "
                    "a case over it becomes an oom row")
-    p.add_argument("--instruments", help="comma-separated subset of instruments (default: all the device allows)")
+    p.add_argument("--instruments", help="comma-separated subset of instruments (default: the "
+                   "matrix's [settings] instruments, else all the device allows)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("predict", help="peak memory of a matrix without allocating (fake tensors)")
     _matrix_args(p)
     p.set_defaults(func=cmd_predict, device="cpu", memory_limit=None, instruments=None)
 
+    p = sub.add_parser("plot", help="draw a run's figures (PNG + SVG) from its results.csv")
+    p.add_argument("run_dir", help="run directory holding results.csv (and env.json)")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("report", help="write a run's report.md (and its figures) from its results.csv")
+    p.add_argument("run_dir", help="run directory holding results.csv (and env.json)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("baseline", help="a regression baseline (JSON) from a run")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", required=True, help="baseline file to write")
+    p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("check", help="compare a run with a baseline; exit 1 on regression")
+    p.add_argument("run_dir")
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--tol-memory", default="5%", help="memory growth allowed (default 5%%)")
+    p.add_argument("--tol-speed", default="30%", help="slowdown allowed (default 30%%; timings drift)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "train", help="train a model on a corpus: perplexity, speed and memory as it learns",
+        description="Train one model (lm mode) with Adam, warm-up + cosine, clipping and, for "
+                    "DEQs, unrolled pretraining; writes train_log.csv, train.json and a checkpoint.")
+    p.add_argument("--model", help="a registered model (deqbench list)")
+    for option, dest, kind, text in train_options():
+        p.add_argument(option, dest=dest, type=kind, default=None, help=text)
+    p.add_argument("--set", dest="set_", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, repeatable, e.g. --set mem_len=32 --set solver=anderson")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--out", help="run directory (default results/train/<model>-<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("env", help="the environment a run would record")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_env)
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -264,6 +481,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except BadInput as err:
+    except UserError as err:
         print(f"deqbench: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

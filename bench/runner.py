@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import env as envmod
-from bench.results import ENV, append_row, case_columns, finished_case_ids, write_json
+from bench.results import ENV, OK_STATUSES, append_row, finished_case_ids, write_json
 from bench.spec import Case, Matrix
 
 
@@ -31,9 +31,8 @@ from bench.spec import Case, Matrix
 class RunOptions:
     device: str = "cpu"
     memory_limit: int | None = None  # bytes of extra address space per case (CPU)
-    instruments: tuple[str, ...] = ()  # empty: all the device allows
+    instruments: tuple[str, ...] = ()  # empty: the matrix's [settings] instruments, else all the device allows
     progress: bool = True
-    fresh_worker_per_case: bool | None = None  # None: decided by device and memory limit
 
 
 def select_cases(cases: Sequence[Case], only: str | None) -> list[Case]:
@@ -58,7 +57,7 @@ class _Worker:
         self.process = ctx.Process(
             target=serve,
             args=(child, options.device, options.memory_limit, asdict(matrix.settings),
-                  options.instruments),
+                  options.instruments or matrix.settings.instruments),
             daemon=True,
         )
         self.process.start()
@@ -69,7 +68,7 @@ class _Worker:
         self.cases += 1
         t0 = time.monotonic()
         try:
-            self.conn.send(asdict(case))
+            self.conn.send(case.to_message())
             answered = self.conn.poll(timeout_s)  # True on a row, and on EOF (a dead worker)
         except OSError:  # the pipe broke: the worker is gone
             answered = True
@@ -127,9 +126,8 @@ def run_matrix(matrix: Matrix, out: Path, options: RunOptions, *, resume: bool =
     prepare_run_dir(out, matrix, resume=resume, argv=argv, device=options.device)
     done = finished_case_ids(out) if resume else set()
     todo = [c for c in select_cases(matrix.cases, only) if c.case_id not in done]
-    fresh = options.fresh_worker_per_case
-    if fresh is None:
-        fresh = options.device.startswith("cuda") or options.memory_limit is not None
+    # A worker serves several cases only where its history cannot change a measurement.
+    fresh = options.device.startswith("cuda") or options.memory_limit is not None
     rows: list[dict[str, Any]] = []
     bar = _progress(len(todo), options.progress, skipped=len(done))
     worker: _Worker | None = None
@@ -140,12 +138,13 @@ def run_matrix(matrix: Matrix, out: Path, options: RunOptions, *, resume: bool =
             if worker is None:
                 worker = _Worker(options, matrix)
             result = worker.run(case, matrix.settings.timeout_s)
-            row = {**case_columns(case), **result}
+            row = {**case.columns(), **result}
             row.setdefault("device", options.device)
             append_row(out, row)
             rows.append(row)
-            if fresh or result.get("status") not in ("ok", "diverged"):
-                worker.close() if result.get("status") in ("ok", "diverged") else worker.kill()
+            healthy = result.get("status") in OK_STATUSES
+            if fresh or not healthy:
+                worker.close() if healthy else worker.kill()
                 worker = None
             if bar is not None:
                 bar.update(1)
@@ -174,6 +173,15 @@ def default_out_dir(root: Path = Path("results")) -> Path:
     while out.exists():
         n += 1
         out = root / "runs" / f"{stamp}-{n}"
+    return out
+
+
+def default_train_dir(model: str, root: Path = Path("results/train")) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, n = root / f"{model}-{stamp}", 1
+    while out.exists():
+        n += 1
+        out = root / f"{model}-{stamp}-{n}"
     return out
 
 

@@ -30,18 +30,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import sys
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from bench.compat import tomllib
+from bench.errors import CorpusError, SpecError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+if TYPE_CHECKING:
+    from bench.measure.workload import Workload
 
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", "batch", "size",
@@ -49,10 +48,7 @@ AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", 
 KEYS = (*AXES, "config")  # config: model config overrides, the same for every case of a sweep
 PHASES = ("train", "eval", "fit")
 MODES = ("core", "lm")
-
-
-class SpecError(ValueError):
-    """A matrix or case that cannot run; the message says what and how to fix it."""
+DTYPES = ("float32", "float64", "bfloat16", "float16")  # bench.measure.workload.DTYPES' names
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,9 +86,48 @@ class Case:
             kwargs["depth"] = self.depth
         return kwargs
 
+    def twin(self, phase: str) -> Case:
+        """The same model at the same shape in another phase (a training case's eval twin)."""
+        return dataclasses.replace(self, phase=phase)
+
+    def columns(self) -> dict[str, Any]:
+        """The case's own results.csv columns (bench.results.CASE_COLUMNS and `overrides`)."""
+        return {
+            "case_id": self.case_id, "family": self.family, "model": self.model,
+            "variant": self.variant, "solver": self.solver, "backward": self.backward,
+            "depth": self.depth, "seq_len": self.seq_len, "batch": self.batch, "size": self.size,
+            "mode": self.mode, "phase": self.phase, "overrides": dict(self.overrides) or None,
+        }
+
+    def workload(self, device: str, settings: RunSettings) -> Workload:
+        """The measured step of this case (a `fit` case's is its training step)."""
+        from bench.measure.workload import Workload
+
+        overrides = dict(self.overrides)
+        if self.is_deq:
+            overrides.update(solver=self.solver, backward=self.backward)
+        return Workload(
+            model=self.model, size=self.size, mode=self.mode,
+            phase="train" if self.phase == "fit" else self.phase, batch=self.batch,
+            seq_len=self.seq_len, depth=self.depth, overrides=tuple(sorted(overrides.items())),
+            device=device, dtype=settings.dtype, seed=settings.seed,
+        )
+
+    def to_message(self) -> dict[str, Any]:
+        """Plain data for a pipe or a JSON file; `Case.from_message` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> Case:
+        fields = dict(message)
+        fields["overrides"] = tuple(tuple(kv) for kv in fields.get("overrides", ()))
+        return cls(**fields)
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
+    """How the cases of a matrix run; validated once, here (SpecError names the bad field)."""
+
     warmup: int = 1  # steps before any measurement (also materialises optimizer state)
     repeats: int = 5  # timed steps per case
     timeout_s: float = 300.0  # per case, from the worker receiving it to its row
@@ -109,6 +144,54 @@ class RunSettings:
     fit_seconds: float | None = None  # a wall-clock budget; fit_steps then only caps the steps
     fit_data: str = "synthetic"
     fit_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(key: str, what: str) -> SpecError:
+            return SpecError(f"[settings] {key} must be {what}, got {getattr(self, key)!r}")
+
+        for key, low in (("warmup", 0), ("repeats", 1), ("seed", 0)):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < low:
+                raise bad(key, "a positive integer" if low else "a non-negative integer")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise bad("threads", "a positive integer")
+        for key, kind in (("timeout_s", "number"), ("fit_steps", "integer"),
+                          ("fit_seconds", "number"), ("fit_lr", "number")):
+            value = getattr(self, key)
+            if value is None and key != "timeout_s":
+                continue
+            ok = _is_int(value) if kind == "integer" else _is_number(value)
+            if not ok or not value > 0:
+                raise bad(key, f"a positive {kind}" + (" (finite)" if kind == "number" else ""))
+        if not isinstance(self.match_params, bool):
+            raise bad("match_params", "true or false")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"one of {', '.join(DTYPES)}")
+        if not isinstance(self.instruments, tuple) or not all(isinstance(n, str) for n in self.instruments):
+            raise bad("instruments", "a list of instrument names")
+        if self.instruments:
+            from bench.measure import list_instruments
+
+            unknown = [n for n in self.instruments if n not in list_instruments()]
+            if unknown:
+                raise SpecError(f"[settings] instruments: unknown instrument(s) {unknown}; "
+                                f"valid: {', '.join(list_instruments())}")
+        if not isinstance(self.fit_data, str):
+            raise bad("fit_data", "a string: synthetic[:options] or a directory")
+        if self.fit_data != "synthetic":
+            from bench.data import check_data
+
+            try:
+                check_data(self.fit_data)
+            except CorpusError as err:
+                raise SpecError(f"[settings] fit_data: {err}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -172,33 +255,15 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
 
 
 def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
-    fields = {f.name: f for f in dataclasses.fields(RunSettings)}
-    _no_unknown(raw, tuple(fields), f"{where} [settings]")
+    fields = [f.name for f in dataclasses.fields(RunSettings)]
+    _no_unknown(raw, fields, f"{where} [settings]")
     values = dict(raw)
     if "instruments" in values:
         values["instruments"] = tuple(_as_list(values["instruments"]))
-    if "threads" in values and (not isinstance(values["threads"], int) or values["threads"] < 1):
-        raise SpecError(f"{where} [settings] threads must be a positive integer, got {values['threads']!r}")
-    for key in ("warmup", "repeats", "seed"):
-        if key in values and (not isinstance(values[key], int) or values[key] < (1 if key == "repeats" else 0)):
-            raise SpecError(f"{where} [settings] {key} must be a {'positive' if key == 'repeats' else 'non-negative'} integer, got {values[key]!r}")
-    if "timeout_s" in values and (not isinstance(values["timeout_s"], (int, float)) or values["timeout_s"] <= 0):
-        raise SpecError(f"{where} [settings] timeout_s must be a positive number, got {values['timeout_s']!r}")
-    for key, kind, what in (("fit_steps", int, "integer"), ("fit_seconds", (int, float), "number"),
-                            ("fit_lr", (int, float), "number")):
-        value = values.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value <= 0):
-            raise SpecError(f"{where} [settings] {key} must be a positive {what}, got {value!r}")
-    if "fit_data" in values:
-        from bench.data import CorpusError, check_data
-
-        try:
-            check_data(str(values["fit_data"]))
-        except CorpusError as err:
-            raise SpecError(f"{where} [settings] fit_data: {err}") from None
-    if "dtype" in values and values["dtype"] not in ("float32", "float64", "bfloat16", "float16"):
-        raise SpecError(f"{where} [settings] dtype must be float32, float64, bfloat16 or float16")
-    return RunSettings(**values)
+    try:
+        return RunSettings(**values)
+    except SpecError as err:
+        raise SpecError(f"{where} {err}") from None
 
 
 def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: list[str]) -> list[Case]:
@@ -298,6 +363,8 @@ def _match(family: str, model: str, size: str, depth: int) -> tuple[tuple[str, A
     target = _deq_params(family, size)
     if target is None:
         return ()
+    import torch
+
     with torch.device("meta"):  # parameter counts without allocating anything
         overrides = match_params(target, depth, model=model, size=size)
     return tuple(sorted(overrides.items()))
@@ -305,6 +372,8 @@ def _match(family: str, model: str, size: str, depth: int) -> tuple[tuple[str, A
 
 @functools.cache
 def _deq_params(family: str, size: str) -> int | None:
+    import torch
+
     from models import build_model, list_models, model_spec
 
     deqs = [n for n in list_models() if model_spec(n).family == family and model_spec(n).is_deq]

@@ -37,8 +37,7 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
             return
         if message is None:
             return
-        message["overrides"] = tuple(tuple(kv) for kv in message.get("overrides", ()))
-        case = Case(**message)
+        case = Case.from_message(message)
         with _address_space_limit(memory_limit):
             row = execute(case, device, run_settings, instruments)
         conn.send(row)
@@ -85,22 +84,17 @@ def _address_space_limit(extra_bytes: int | None) -> Iterator[None]:
 
 
 def is_oom(err: BaseException) -> bool:
-    if isinstance(err, MemoryError):
-        return True
-    try:
-        import torch
+    import torch
 
-        if isinstance(err, torch.cuda.OutOfMemoryError):
-            return True
-    except ImportError:
-        pass
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
     text = str(err).lower()
     return isinstance(err, RuntimeError) and any(m in text for m in OOM_MARKERS)
 
 
 def execute(case: Any, device: str, settings: Any, instruments: tuple[str, ...]) -> dict[str, Any]:
     if case.phase == "fit":  # a training run to a budget (bench.train), not a measured step
-        from bench.train import fit_case as measure_case
+        from bench.train.fit import fit_case as measure_case
     else:
         from bench.measure.case import measure_case
 
