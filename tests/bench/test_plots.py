@@ -12,18 +12,12 @@ import pytest
 
 from bench import plots
 from bench.cli import main
+from bench.plots.style import line_label
 from bench.results import read_results
+from tests.bench.runs import copy_run
 
-DATA = Path(__file__).parent / "data"
 QUICK_FIGURES = {"memory_vs_seq_len", "memory_vs_depth", "reduction", "reduction_map", "speed",
                  "memory_breakdown", "convergence"}
-
-
-def copy_run(name: str, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in ("results.csv", "env.json"):
-        shutil.copy(DATA / name / f, dest / f)
-    return dest
 
 
 def rewrite(run_dir: Path, change) -> None:
@@ -32,12 +26,9 @@ def rewrite(run_dir: Path, change) -> None:
     df.to_csv(run_dir / "results.csv", index=False)
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """The quick run's figures, drawn once by `deqbench plot` from the copied CSV alone."""
-    run_dir = copy_run("quick", tmp_path_factory.mktemp("quick"))
-    assert main(["plot", str(run_dir)]) == 0
-    return run_dir
+@pytest.fixture
+def quick(quick_report):
+    return quick_report
 
 
 def test_every_quick_figure_is_drawn_as_png_and_svg(quick):
@@ -181,5 +172,5 @@ def test_line_labels_name_the_size_from_series_and_tuples():
     row = pd.Series({"variant": "tied", "depth": 16.0, "seq_len": 150, "size": "paper-small",
                      "solver": None, "backward": None, "model": "transformer-tied", "family": "transformer"})
     expected = "weight-tied (1 layer x L), L=16 [paper-small]"
-    assert plots._line_label(row, "depth", size=True) == expected
-    assert plots._line_label(next(pd.DataFrame([row]).itertuples()), "depth", size=True) == expected
+    assert line_label(row, "depth", size=True) == expected
+    assert line_label(next(pd.DataFrame([row]).itertuples()), "depth", size=True) == expected

@@ -5,25 +5,18 @@ independently of bench.analysis; missing columns and failed families degrade to 
 import math
 import re
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from bench import plots, report
+from bench.analysis import RunView
 from bench.cli import main
 from bench.paper import CLAIM, PAIRS
 from bench.results import read_results
+from tests.bench.runs import DATA, copy_run
 
-DATA = Path(__file__).parent / "data"
 UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}
-
-
-def copy_run(name: str, dest: Path) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in ("results.csv", "env.json"):
-        shutil.copy(DATA / name / f, dest / f)
-    return dest
 
 
 def tables(md: str) -> dict[str, list[dict[str, str]]]:
@@ -58,12 +51,10 @@ def close(cell: str, expected: float, suffix: str) -> bool:
     return abs(float(text) - expected) <= 0.5 * 10 ** -decimals + 1e-9
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """`deqbench report` on a copied results.csv + env.json: draws the figures, writes the report."""
-    run_dir = copy_run("quick", tmp_path_factory.mktemp("quick"))
-    assert main(["report", str(run_dir)]) == 0
-    return run_dir, (run_dir / "report.md").read_text(), read_results(run_dir)
+@pytest.fixture
+def quick(quick_report):
+    """`deqbench report` on a copied results.csv + env.json: the figures and the report."""
+    return quick_report, (quick_report / "report.md").read_text(), read_results(quick_report)
 
 
 def test_report_regenerates_every_figure_and_embeds_it(quick):
@@ -128,7 +119,7 @@ def test_claim_paragraph_counts_match_the_csv(quick):
 
 def test_environment_and_failures(quick):
     run_dir, md, df = quick
-    env = plots.Run.load(run_dir).env
+    env = RunView.load(run_dir).env
     assert "| preset | quick: 48 cases" in md
     assert f"| cases in results.csv | {len(df)}: {len(df)} ok |" in md
     assert "| memory source | tracked (live tensor bytes) |" in md
@@ -173,7 +164,7 @@ def test_missing_columns_and_an_all_oom_family_degrade_to_notes(tmp_path):
     df = df.drop(columns=["step_s_median", "tokens_per_s", "solver_trace", "nfe_backward"])
     df.to_csv(run_dir / "results.csv", index=False)
     figures = plots.plot_run(run_dir, only=[])  # the tables are under test, not the drawing
-    md = report.render(plots.Run.load(run_dir), figures)
+    md = report.render(RunView.load(run_dir), figures)
     assert "No DEQ–baseline pair: every DEQ case failed (4 oom)" in md
     assert "results.csv has no step_s_median column; shown as —" in md
     assert "results.csv has no nfe_backward column; shown as —" in md
@@ -187,7 +178,7 @@ def test_missing_columns_and_an_all_oom_family_degrade_to_notes(tmp_path):
 def test_no_pairs_at_all_is_a_sentence(tmp_path):
     run_dir = copy_run("quick", tmp_path / "run")
     pd.read_csv(run_dir / "results.csv").query("variant == 'deq'").to_csv(run_dir / "results.csv", index=False)
-    md = report.render(plots.Run.load(run_dir), plots.plot_run(run_dir, only=[]))
+    md = report.render(RunView.load(run_dir), plots.plot_run(run_dir, only=[]))
     assert "cannot be checked from it" in md
     assert "No DEQ–baseline pair: no explicit baseline in this family." in md
 

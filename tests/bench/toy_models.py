@@ -1,17 +1,15 @@
 """Small models for harness and instrument tests, independent of the real families: a DEQ of an
 FFN cell, the same cell stacked `depth` times with distinct weights (untied), and one cell
 unrolled `depth` times (weight-tied). Registered for a test by the `toy_models` fixture, and in
-spawned workers through DEQBENCH_PLUGINS=tests.bench.toy_plugin. Also `registered_param`, which
-marks the registered models `predicted` cannot match exactly."""
+spawned workers through DEQBENCH_PLUGINS=tests.bench.toy_plugin."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
 from torch import Tensor, nn
 
-from models import DEQ, ModelSpec, ModelStats, model_spec, register_model
+from models import DEQ, ModelSpec, ModelStats, register_model
 from models.base import BenchModel
 from models.deq import DEQSettings
 
@@ -118,13 +116,3 @@ TOY_MODELS = tuple(spec.name for spec in TOY_SPECS)
 def register() -> None:
     for spec in TOY_SPECS:
         register_model(spec)
-
-# transformers treats a FakeTensor as "tracing" and then materialises the causal mask that a real
-# step leaves to SDPA's is_causal: the fake step runs other ops (a few T x T temporaries more).
-HF_TRACES_FAKES = "transformers takes its tracing path on fake tensors (explicit causal mask)"
-
-
-def registered_param(name: str):
-    """A registered model as a test parameter; `hf` models xfail where predicted must be exact."""
-    hf = model_spec(name).variant == "hf"
-    return pytest.param(name, marks=pytest.mark.xfail(reason=HF_TRACES_FAKES, strict=False) if hf else ())

@@ -12,8 +12,9 @@ from bench.measure import (
     make_instrument,
     make_instruments,
     measure,
+    register_instrument,
 )
-from bench.measure.instrument import MEMORY, register_instrument
+from bench.measure.instrument import MEMORY
 
 
 def test_instruments_by_name_and_unknown_names_listed():
@@ -99,7 +100,7 @@ def test_memory_instruments_share_one_step_after_warm_up(toys):
     try:
         measure(Workload(model="toy-stack"), ["tracked", "spy"], warmup=2)
     finally:
-        from bench.measure.instrument import INSTRUMENTS
+        from bench.measure import INSTRUMENTS
 
         INSTRUMENTS.pop("spy")
     assert seen == [("start", 2, True), ("stop", 3)]

@@ -112,8 +112,8 @@ class StubBench:
 
 def test_missing_package_is_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
-    assert load_nvml() == (None, load_nvml()[1])
-    assert "nvidia-ml-py is not installed" in load_nvml()[1]
+    lib, why = load_nvml()
+    assert lib is None and "nvidia-ml-py is not installed" in why
     ok, why = NvmlMemory(identity=identity).available(CUDA)
     assert not ok and "nvidia-ml-py is not installed" in why
 

@@ -9,7 +9,7 @@ import pytest
 
 from bench.measure import Workload, measure
 from models import list_models, model_spec
-from tests.bench.toy_models import TOY_MODELS, registered_param
+from tests.bench.toy_models import TOY_MODELS
 
 REGISTERED = list_models()  # the real families; empty until they are merged into this tree
 PAPER_SIZES = [(m, s) for m in REGISTERED for s in model_spec(m).sizes if s.startswith("paper")]
@@ -30,24 +30,27 @@ def _compare(name: str, phase: str, mode: str, overrides=()) -> dict:
     workload = Workload(model=name, phase=phase, mode=mode, batch=2, seq_len=32,
                         overrides=(*_like_for_like(name), *overrides))
     row = measure(workload, ["tracked", "predicted"])
-    tracked, predicted = row["tracked_bytes"], row["predicted_unrounded_bytes"]
+    tracked, predicted = row["tracked_bytes"], row["predicted_bytes"]
     assert abs(predicted - tracked) <= TOLERANCE * tracked, (name, phase, mode, predicted, tracked)
     return row
 
 
 @pytest.mark.parametrize("phase", ["train", "eval"])
-@pytest.mark.parametrize("name", [registered_param(m) for m in REGISTERED])
+@pytest.mark.parametrize("name", [m for m in REGISTERED if model_spec(m).variant != "hf"])
 def test_predicted_matches_tracked_for_every_registered_model(name, phase):
     # core mode, the paper's protocol; lm mode's embedding, head and cross-entropy are covered
     # by the toy models below
     _compare(name, phase, "core")
 
 
+@pytest.mark.parametrize("phase", ["train", "eval"])
 @pytest.mark.parametrize("name", [m for m in REGISTERED if model_spec(m).variant == "hf"])
-def test_predicted_of_hf_models_overestimates_only_by_the_mask(name):
+def test_predicted_of_hf_models_overestimates_only_by_the_mask(name, phase):
+    """transformers treats a FakeTensor as "tracing" and then materialises the causal mask that
+    a real step leaves to SDPA's is_causal: the fake step holds a few T x T temporaries more."""
     B, T = 2, 32
-    row = measure(Workload(model=name, phase="train", batch=B, seq_len=T), ["tracked", "predicted"])
-    gap = row["predicted_unrounded_bytes"] - row["tracked_bytes"]
+    row = measure(Workload(model=name, phase=phase, batch=B, seq_len=T), ["tracked", "predicted"])
+    gap = row["predicted_bytes"] - row["tracked_bytes"]
     assert 0 <= gap <= 4 * 4 * B * T * T, gap  # a few float (B, 1, T, T) masks at most
 
 
@@ -56,9 +59,10 @@ def test_predicted_of_hf_models_overestimates_only_by_the_mask(name):
 @pytest.mark.parametrize("name", TOY_MODELS)
 def test_predicted_matches_tracked_for_the_toy_models(toys, name, mode, phase):
     row = _compare(name, phase, mode)
-    # rounded like CUDA's allocator: every storage a multiple of 512 bytes
-    assert row["predicted_bytes"] % 512 == 0 and row["predicted_static_bytes"] % 512 == 0
-    assert row["predicted_bytes"] >= row["predicted_unrounded_bytes"]
+    # beside the exact count, one rounded like CUDA's allocator: every storage a multiple of 512
+    assert row["predicted_cuda_bytes"] % 512 == 0 and row["predicted_cuda_static_bytes"] % 512 == 0
+    assert row["predicted_cuda_bytes"] >= row["predicted_bytes"]
+    assert row["predicted_static_bytes"] == row["tracked_static_bytes"]
     assert row["tracked_static_bytes"] < row["tracked_bytes"]
 
 

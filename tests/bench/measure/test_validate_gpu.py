@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench.measure.protocol import RESULT_COLUMNS
+from bench.measure import RESULT_COLUMNS
 from bench.measure.validate_gpu import gaps, main
 
 
@@ -34,13 +34,13 @@ def test_unknown_model_is_bad_input(tmp_path, capsys):
 
 
 def test_gaps_and_the_tolerance_check():
-    row = {"cuda_peak_bytes": 1100, "cuda_preexisting_bytes": 100, "predicted_bytes": 1050,
+    row = {"cuda_peak_bytes": 1100, "cuda_preexisting_bytes": 100, "predicted_cuda_bytes": 1050,
            "reserved_bytes": 2000, "nvml_process_bytes": 2600, "nvml_process_baseline_bytes": 500}
     g = gaps(row, tolerance=0.10)
     assert g["predicted_vs_cuda"] == pytest.approx(0.05) and g["check"] == "pass"
     assert g["predicted_vs_cuda_raw"] == pytest.approx(-50 / 1100)
     assert g["reserved_minus_allocated_bytes"] == 900 and g["nvml_minus_reserved_bytes"] == 600
     assert g["cuda_context_bytes"] == 500
-    assert gaps({**row, "predicted_bytes": 1200}, tolerance=0.10)["check"] == "fail"
+    assert gaps({**row, "predicted_cuda_bytes": 1200}, tolerance=0.10)["check"] == "fail"
     assert gaps({"error": "OutOfMemoryError: ..."}, 0.1)["check"] == "error"
-    assert gaps({"predicted_bytes": 5}, 0.1)["check"] == "skipped: no torch_cuda number"
+    assert gaps({"predicted_cuda_bytes": 5}, 0.1)["check"] == "skipped: no torch_cuda number"
