@@ -77,7 +77,7 @@ def test_end_to_end_on_a_real_run(tmp_path, capsys):
     run = tmp_path / "run"
     train, forward = "trellisnet/debug/core/train/T32/B2/L4", "trellisnet/debug/core/eval/T32/B2/L4"
     assert main(["run", "--preset", "quick", "--only", f"{train},{forward}", "--out", str(run),
-                 "--no-progress"]) == 0
+                 "--no-progress", "--no-report"]) == 0
     rows = read_results(run).to_dict("records")
     assert sorted(r["case_id"] for r in rows) == sorted([train, forward])
     assert all(r["status"] == "ok" and r["tracked_bytes"] > 0 for r in rows)

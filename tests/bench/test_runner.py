@@ -46,7 +46,8 @@ def matrix_file(tmp_path):
 
 
 def test_sigkill_then_resume_equals_a_clean_run(tmp_path, matrix_file):
-    args = ("run", "--matrix", str(matrix_file), "--instruments", "tracked", "--no-progress")
+    args = ("run", "--matrix", str(matrix_file), "--instruments", "tracked", "--no-progress",
+            "--no-report")
     clean = tmp_path / "clean"
     code, _, err = _finish(_deqbench(*args, "--out", str(clean)))
     assert code == 0, err
@@ -95,7 +96,7 @@ size = "big"
     out = tmp_path / "run"
     code, stdout, err = _finish(_deqbench("run", "--matrix", str(matrix), "--out", str(out),
                                           "--memory-limit", "40MB", "--instruments", "tracked",
-                                          "--no-progress"))
+                                          "--no-progress", "--no-report"))
     assert code == 0, err
     df = read_results(out).set_index("seq_len")
     assert df.loc[4096, "status"] == "oom"  # 64 x 4096 x 64 floats = 67 MB per activation
@@ -119,7 +120,7 @@ config = { blowup = true }
 """)
     out = tmp_path / "run"
     code, _, err = _finish(_deqbench("run", "--matrix", str(matrix), "--out", str(out),
-                                     "--instruments", "tracked", "--no-progress"))
+                                     "--instruments", "tracked", "--no-progress", "--no-report"))
     assert code == 0, err
     row = read_results(out).iloc[0]
     assert row["status"] == "diverged" and row["tracked_bytes"] > 0
