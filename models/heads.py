@@ -164,11 +164,11 @@ class ClusteredSoftmax(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1])  # (N, d)
         clusters = self.clusters()
         shortlist = self.bounds[0][1]
-        head_lp = F.log_softmax(_logits(h, clusters[0]).float(), dim=-1)  # (N, shortlist + tails)
+        head_lp = F.log_softmax(_wide(_logits(h, clusters[0])), dim=-1)  # (N, shortlist + tails)
         if targets is None:
             parts = [head_lp[:, :shortlist]]
             for i, cluster in enumerate(clusters[1:]):
-                tail = F.log_softmax(_logits(h, cluster).float(), dim=-1)
+                tail = F.log_softmax(_wide(_logits(h, cluster)), dim=-1)
                 parts.append(head_lp[:, shortlist + i, None] + tail)
             return torch.cat(parts, dim=-1).view(*hidden.shape[:-1], self.vocab)
         t = targets.reshape(-1)  # (N,)
@@ -182,8 +182,13 @@ class ClusteredSoftmax(nn.Module):
             local = (t - lo).clamp(0, hi - lo - 1)
             target_logit = (x * F.embedding(local, cluster.weight)).sum(-1) + cluster.bias.gather(0, local)
             normaliser = _TailLogNormalizer.apply(x, cluster.weight, cluster.bias)  # (N,)
-            logp = logp + torch.where(which == i, target_logit.float() - normaliser, 0.0)
+            logp = logp + torch.where(which == i, _wide(target_logit) - normaliser, 0.0)
         return -logp.mean()
+
+
+def _wide(t: Tensor) -> Tensor:
+    """Half-precision logits in float32 for the softmax (as the full head's loss); else as is."""
+    return t.float() if t.element_size() < 4 else t
 
 
 def _logits(h: Tensor, cluster: Cluster) -> Tensor:
@@ -197,10 +202,10 @@ class _TailLogNormalizer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        lse = x.new_full((x.shape[0],), -math.inf, dtype=torch.float32)
+        lse = x.new_full((x.shape[0],), -math.inf, dtype=_wide(x).dtype)
         for start in range(0, weight.shape[0], TAIL_BLOCK):
             block = slice(start, start + TAIL_BLOCK)
-            logits = torch.addmm(bias[block], x, weight[block].t()).float()  # (N, block)
+            logits = _wide(torch.addmm(bias[block], x, weight[block].t()))  # (N, block)
             lse = torch.logaddexp(lse, logits.logsumexp(dim=1))
         ctx.save_for_backward(x, weight, bias, lse)
         return lse
@@ -214,7 +219,7 @@ class _TailLogNormalizer(torch.autograd.Function):
         grad_b = torch.empty_like(bias) if need_b else None
         for start in range(0, weight.shape[0], TAIL_BLOCK):
             block = slice(start, start + TAIL_BLOCK)
-            logits = torch.addmm(bias[block], x, weight[block].t()).float()
+            logits = _wide(torch.addmm(bias[block], x, weight[block].t()))
             p = logits.sub_(lse[:, None]).exp_().mul_(grad[:, None]).to(x.dtype)  # softmax · grad
             if need_x:
                 grad_x.addmm_(p, weight[block])
