@@ -56,7 +56,8 @@ class HeadSettings:
 
     def __post_init__(self) -> None:
         check_head(self.head)
-        object.__setattr__(self, "cutoffs", tuple(self.cutoffs))  # a list from TOML or --set
+        # a list from TOML, or None: no tail clusters
+        object.__setattr__(self, "cutoffs", tuple(self.cutoffs or ()))
         cutoffs = self.cutoffs
         if any(isinstance(c, bool) or not isinstance(c, int) for c in cutoffs):
             raise ValueError(f"cutoffs must be ints, got {cutoffs!r}")
@@ -65,8 +66,10 @@ class HeadSettings:
         if self.div_val < 1:
             raise ValueError(f"div_val must be >= 1, got {self.div_val}")
         if self.head in CLUSTERED and cutoffs and cutoffs[-1] >= self.vocab_size:
-            raise ValueError(f"cutoffs {cutoffs} must lie below vocab_size {self.vocab_size} "
-                             "(set smaller ones, e.g. --set cutoffs=[8,24])")
+            v = self.vocab_size
+            example = f", e.g. ({max(1, v // 4)}, {max(2, v // 2)})" if v >= 4 else ""
+            raise ValueError(f"cutoffs {cutoffs} must lie below vocab_size {v}: choose smaller "
+                             f"cutoffs{example}, or () for a single cluster")
 
 
 def check_head(head: str | None) -> None:

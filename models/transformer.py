@@ -14,11 +14,11 @@ Options: attention `relative` (Transformer-XL) or `sdpa`; `pre_ln`; `weight_norm
 `dropout_style` = `variational` (the DEQ code's: one mask per sequence and channel on the
 attention and FFN outputs, fixed across solver iterations, time steps and chunks) or
 `elementwise` (Transformer-XL's: fresh masks at every application on the attention output, the
-FFN hidden and the FFN output, and `dropatt` on the attention probabilities; a DEQ with it has no
-fixed point to converge to, so it is for the explicit baselines); segment memory `mem_len` (the previous
-segments' equilibrium states and their inputs, detached: extra keys and values, the injection
-included as for any position); heads (models/heads.py); `model.pretrain = True` unrolls
-`pretrain_depth` applications of f instead of solving (the paper's warm-up).
+FFN hidden and the FFN output, and `dropatt` on the attention probabilities; a DEQ with it has
+no fixed point to converge to, so it is for the explicit baselines); segment memory `mem_len`
+(the previous segments' equilibrium states and their inputs, detached: extra keys and values,
+the injection included as for any position); heads (models/heads.py); `model.pretrain = True`
+unrolls `pretrain_depth` applications of f instead of solving (the paper's warm-up).
 
 Chunked solve (`subseq_len`, models/chunked.py), as the official DEQ-Transformer does
 (locuslab/deq 3fba434, DEQModel/models/transformers/deq_transformer_forward_backward.py, lines
@@ -27,10 +27,11 @@ Chunked solve (`subseq_len`, models/chunked.py), as the official DEQ-Transformer
 (causally); chunk k >= 1 attends to chunk k-1's equilibrium states (keys and values from those
 states plus their own injection, with gradient) and to itself, but not to the segment memory or
 to chunks before k-1. So with mem_len 0 and at most two chunks the chunked equilibrium is the
-whole segment's; otherwise a chunk sees a shorter context (at most 2 · subseq_len keys). Relative
-positions count from each chunk's first key. Dropout masks and weight-normed weights are shared
-by all chunks (drawn and computed once per forward), the next segment's memory is the tail of the
-whole segment, and pretraining (unrolled layers) is never chunked: all as in the official code.
+whole segment's; otherwise later chunks see a shorter context (at most 2 · subseq_len keys).
+Relative positions count from each chunk's first key. Dropout masks and weight-normed weights
+are shared by all chunks (drawn and computed once per forward), the next segment's memory is the
+tail of the whole segment, and pretraining (unrolled layers) is never chunked: all as in the
+official code.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ class DEQTransformer(TransformerModel):
                 z = self.cell(z, inputs)
             stats = ModelStats(nfe_forward=self.config.pretrain_depth)
         else:
-            first: list[CellInputs] = []  # chunk 0's inputs: weights and masks for all chunks
+            shared: list[CellInputs] = []  # chunk 0's weights and dropout masks, for every chunk
             spans: list[tuple[int, int]] = []
 
             def chunk(start: int, stop: int, previous: Tensor | None):
@@ -325,9 +326,10 @@ class DEQTransformer(TransformerModel):
                     mem, mem_inputs = previous, x[:, slice(*spans[-1])]
                 xs = x if (start, stop) == (0, T) else x[:, start:stop]  # (B, T_chunk, d)
                 inputs = self.cell.prepare(B, stop - start, x=xs, memory=mem, memory_inputs=mem_inputs,
-                                           reuse=first[0] if first else None)
-                if not first:
-                    first.append(inputs)
+                                           reuse=shared[0] if shared else None)
+                if not shared:  # nothing chunk-sized: that goes with chunk 0's f
+                    shared.append(dataclasses.replace(inputs, injection=None, memory_kv=None,
+                                                      positions=None, allowed=None))
                 spans.append((start, stop))
                 return (lambda z: self.cell(z, inputs)), torch.zeros_like(xs)
 

@@ -177,6 +177,11 @@ def test_head_defaults_follow_the_mode_and_bad_cutoffs_are_refused():
         build_model("transformer", mode="lm", head="split", cutoffs=(64, 32))
     with pytest.raises(ValueError, match="without a dimension"):
         build_model("trellisnet", mode="lm", head="adaptive", cutoffs=(8, 16, 24, 32), div_val=2)
+    # cutoffs and div_val reach the head and the adaptive input
+    split = build_model("deq-trellisnet", mode="lm", head="split", cutoffs=(4, 40))
+    assert split.head.bounds == [(0, 4), (4, 40), (40, 64)] and split.head.tombstones.shape == (2, 8)
+    adaptive = build_model("transformer", mode="lm", head="adaptive", cutoffs=(16,), div_val=4)
+    assert [t.weight.shape for t in adaptive.embedding.tables] == [(16, 32), (240, 8)]
     # cutoffs from a TOML list, and large ones harmless when no clustered head uses them
     assert build_model("transformer", mode="lm", cutoffs=[8, 24]).config.cutoffs == (8, 24)
     assert build_model("transformer", mode="lm", vocab_size=16).config.cutoffs == (32, 128)
