@@ -138,12 +138,12 @@ def test_history_is_freed_between_chunks(name):
 @pytest.mark.parametrize("mode", ["core", "lm"])
 @pytest.mark.parametrize("name", ["deq-transformer", "deq-trellisnet"])
 def test_predicted_equals_tracked_for_a_chunked_deq(name, mode, phase):
-    overrides = (("subseq_len", 12), ("tol", 0.0), ("b_tol", 0.0), ("max_iter", 6), ("b_max_iter", 6),
-                 *((("mem_len", 8),) if name == "deq-transformer" else ()))
-    row = measure(Workload(model=name, mode=mode, phase=phase, batch=2, seq_len=32, overrides=overrides),
+    overrides = (("subseq_len", 8), ("tol", 0.0), ("b_tol", 0.0), ("max_iter", 4), ("b_max_iter", 4),
+                 *((("mem_len", 6),) if name == "deq-transformer" else ()))
+    row = measure(Workload(model=name, mode=mode, phase=phase, batch=2, seq_len=20, overrides=overrides),
                   ["tracked", "predicted"])
     assert row["predicted_unrounded_bytes"] == row["tracked_bytes"]
-    assert row["nfe_forward"] == 3 * 6  # three chunks of 12, 12, 8 at six iterations each
+    assert row["nfe_forward"] == 3 * 4  # three chunks of 8, 8, 4 at four iterations each
 
 
 @pytest.mark.parametrize("name", ["deq-transformer", "deq-trellisnet"])
