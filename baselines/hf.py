@@ -95,8 +95,10 @@ class GPT2(BenchModel):
 
 
 _GPT2_FIELDS = ("vocab_size", "d_model", "n_head", "d_inner", "depth", "dropout", "cutoffs", "div_val")
+# The -official sizes differ from theirs in Transformer-XL's implementation only: not GPT-2's.
 GPT2_SIZES: dict[str, dict] = {
-    name: {k: v for k, v in size.items() if k in _GPT2_FIELDS} for name, size in TRANSFORMER_SIZES.items()
+    name: {k: v for k, v in size.items() if k in _GPT2_FIELDS}
+    for name, size in TRANSFORMER_SIZES.items() if not name.endswith("-official")
 }
 
 register_model(ModelSpec(
