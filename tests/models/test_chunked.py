@@ -142,7 +142,7 @@ def test_predicted_equals_tracked_for_a_chunked_deq(name, mode, phase):
                  *((("mem_len", 6),) if name == "deq-transformer" else ()))
     row = measure(Workload(model=name, mode=mode, phase=phase, batch=2, seq_len=20, overrides=overrides),
                   ["tracked", "predicted"])
-    assert row["predicted_unrounded_bytes"] == row["tracked_bytes"]
+    assert row["predicted_bytes"] == row["tracked_bytes"]
     assert row["nfe_forward"] == 3 * 4  # three chunks of 8, 8, 4 at four iterations each
 
 
