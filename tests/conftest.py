@@ -40,7 +40,8 @@ def slurm_cluster(tmp_path_factory):
     submitit and any subprocess talk to it; `slurm_cluster.env` is that environment and
     `slurm_cluster.partition` its partition. Skips where the packages are not installed or the
     cluster cannot start; with DEQBENCH_REQUIRE_SLURM=1 (.ci/run sets it once apt installed them)
-    that is a failure instead."""
+    that is a failure instead. DEQBENCH_SLURM_MEMORY=jobacct tests the cgroup-less memory limits
+    on a machine that has cgroups (default: auto)."""
     from tests.slurm_cluster import SlurmUnavailable, start_cluster
 
     def unavailable(reason: str):
@@ -49,7 +50,10 @@ def slurm_cluster(tmp_path_factory):
         pytest.skip(reason)
 
     try:
-        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+        cluster = start_cluster(
+            tmp_path_factory.mktemp("slurm"),
+            memory_enforcement=os.environ.get("DEQBENCH_SLURM_MEMORY", "auto"),
+        )
     except SlurmUnavailable as err:
         unavailable(str(err))
     except RuntimeError as err:

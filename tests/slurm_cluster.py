@@ -229,6 +229,8 @@ def start_cluster(
     for var in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_CLUSTER_NAME"):  # not a job of an outer one
         env.pop(var, None)
 
+    if memory_enforcement not in ("auto", "cgroup", "jobacct"):
+        raise ValueError(f"memory_enforcement={memory_enforcement!r}: auto, cgroup or jobacct")
     cgroup_dir = None
     if memory_enforcement in ("auto", "cgroup"):
         cgroup_dir = _own_memory_cgroup()
