@@ -19,9 +19,11 @@ Memory limits (`--mem`), `SlurmCluster.memory_enforcement`:
   (only a cgroup's OOM counter sets that state, slurmstepd's oom_error), and the job's stderr says
   "exceeded memory limit".
 
-Every daemon runs in the foreground as a child of this process with PR_SET_PDEATHSIG, so even a
-SIGKILLed test run leaves no daemon behind; job processes (slurmstepd and its tasks, which SLURM
-detaches) are found by the cluster's SLURM_CONF in their environment and killed by PID.
+Every daemon runs in the foreground as a child of this process with PR_SET_PDEATHSIG, so a test
+run killed outright (SIGKILL, or SIGTERM, which skips Python's cleanup) leaves no daemon behind.
+Job processes (slurmstepd and its tasks, which slurmd detaches) are found by the cluster's
+SLURM_CONF in their environment and killed by PID: by stop(), or else by a watchdog process that
+gets the same death signal. Each step of a stop goes to log/stop.log.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +66,38 @@ SPEED_SETTINGS = {
     "ReturnToService": "2",
     "JobAcctGatherFrequency": "task=1",  # sample job memory every second (OOM checks, sacct)
 }
+
+
+# The watchdog process (see _start_daemons): on SIGTERM, SIGKILL every process with this
+# cluster's SLURM_CONF in its environment, again until a pass finds none (processes forked
+# meanwhile), then remove the cluster's empty cgroups. argv: SLURM_CONF path, cgroup dir or "".
+WATCHDOG = """
+import os, signal, sys, time
+needle, cgroups = ("SLURM_CONF=" + sys.argv[1]).encode(), sys.argv[2]
+def sweep(*_):
+    for _ in range(20):
+        killed = 0
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if int(pid) != os.getpid() and needle in open(
+                        "/proc/" + pid + "/environ", "rb").read().split(b"\\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed += 1
+            except OSError:
+                pass
+        if not killed:
+            break
+        time.sleep(0.2)
+    for top, _, _ in sorted(os.walk(cgroups) if cgroups else [], key=lambda d: -len(d[0])):
+        try:
+            os.rmdir(top)
+        except OSError:
+            pass
+    sys.exit(0)
+signal.signal(signal.SIGTERM, sweep)
+while True:
+    signal.pause()
+"""
 
 
 class SlurmUnavailable(RuntimeError):
@@ -165,19 +200,23 @@ class SlurmCluster:
             with contextlib.suppress(Exception):
                 self.run("scancel", "--quiet", "--full", "--partition", self.partition,
                          check=False, timeout=10)
+                # Wait for the cancellations to register, not for the jobs to finish COMPLETING
+                # (a step whose srun is gone takes seconds to give up): what is left is killed.
                 deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and self.run(
-                    "squeue", "-h", "-o", "%i", check=False, timeout=5
-                ).strip():
-                    time.sleep(0.2)
-                note("cancelled every job")
+                left = "?"
+                while left and time.monotonic() < deadline:
+                    left = self.run("squeue", "-h", "-t", "PD,CF,R,S", "-o", "%i %T",
+                                    check=False, timeout=5).strip()
+                    time.sleep(0.1 if left else 0)
+                note(f"cancelled every job{f' (still queued: {left})' if left else ''}")
+        # Job processes (slurmstepd and its tasks, detached from slurmd) first: with steps still
+        # being killed, slurmd takes seconds to shut down. Then the daemons; then anything left
+        # with this cluster's environment (a helper a daemon forked, such as slurmscriptd).
+        self._kill_leftovers(note, jobs_only=True)
         for name in reversed(list(self.procs)):  # slurmd first, munged last
             with contextlib.suppress(Exception):  # whatever happens, go on to the next one
                 note(f"{name} (pid {self.procs[name].pid}) {_terminate(self.procs[name], timeout)}")
-        for pid in _pids_with_env("SLURM_CONF", str(self.conf)):  # detached job processes
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                note(f"killed job process {pid}")
+        self._kill_leftovers(note, jobs_only=False)
         if self._cgroup_dir is not None:
             _remove_cgroups(self._cgroup_dir, self.name)
         self.procs.clear()
@@ -186,6 +225,24 @@ class SlurmCluster:
         note("removed the database, spool and state directories")
         with contextlib.suppress(OSError):
             (self.root / "log" / "stop.log").write_text("\n".join(done) + "\n")
+
+    def _kill_leftovers(self, note, *, jobs_only: bool, timeout: float = 5) -> None:
+        """SIGKILL the processes, other than the daemons, that have this cluster's SLURM_CONF in
+        their environment (jobs inherit it from sbatch; daemons pass it to what they fork), and
+        wait until they are gone. `jobs_only`: slurmstepd and job tasks (SLURM_JOB_ID set) only."""
+        daemons = {proc.pid for proc in self.procs.values() if proc.poll() is None}
+        pids = [pid for pid, environ in _procs_with_env("SLURM_CONF", str(self.conf)).items()
+                if pid not in daemons
+                and (not jobs_only or _comm(pid) == "slurmstepd"
+                     or any(var.startswith(b"SLURM_JOB_ID=") for var in environ))]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(map(_alive, pids)):
+            time.sleep(0.05)  # gone, so their cgroups can be removed
+        if pids:
+            note(f"killed {'job ' if jobs_only else ''}processes {pids}")
 
     def __enter__(self) -> SlurmCluster:
         return self
@@ -375,6 +432,13 @@ def _start_daemons(cluster: SlurmCluster, munge_socket: Path, ports: list[int], 
     root, env = cluster.root, cluster.env
     start = _Starter(cluster, timeout)
 
+    # First, the watchdog: the daemons die with this process (PR_SET_PDEATHSIG), but slurmd
+    # detaches slurmstepd and the jobs; when this process dies without stop() (SIGKILL, or a
+    # SIGTERM, which skips Python's cleanup), the watchdog gets SIGTERM and kills those by PID.
+    cgroups = cluster._cgroup_dir / f"slurm_{cluster.name}" if cluster._cgroup_dir else ""
+    start("watchdog", [sys.executable, "-c", WATCHDOG, str(cluster.conf), str(cgroups)],
+          ready=lambda: True)
+
     start("munged", [
         "munged", "--foreground", "--force", f"--socket={munge_socket}",
         f"--key-file={root / 'munge' / 'munge.key'}", f"--pid-file={root / 'run' / 'munged.pid'}",
@@ -482,20 +546,36 @@ def _terminate(proc: subprocess.Popen, timeout: float) -> str:
         return f"killed: SIGTERM did not stop it within {timeout:.0f} s"
 
 
-def _pids_with_env(var: str, value: str) -> list[int]:
-    """Processes (not this one) whose environment has var=value."""
+def _procs_with_env(var: str, value: str) -> dict[int, list[bytes]]:
+    """Processes (not this one) whose environment has var=value: pid -> environment."""
     needle = f"{var}={value}".encode()
-    pids = []
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            environ = (entry / "environ").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if needle in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return pids
+        if needle in environ:
+            found[int(entry.name)] = environ
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    """Running, or at least not yet a zombie (a killed job process waits for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _free_ports(n: int) -> list[int]:

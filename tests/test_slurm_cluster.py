@@ -132,10 +132,11 @@ def test_requeue_runs_the_job_again(slurm_cluster, tmp_path):
         time.sleep(0.1)
     slurm_cluster.run("scontrol", "requeue", job.job_id)
     assert job.result() == 2  # the second run saw both starts
+    # The result file lands before the job ends: wait for accounting to say so.
+    assert slurm_cluster.wait_state(job.job_id, FINISHED) == "COMPLETED"
     runs = [row["State"] for row in slurm_cluster.sacct_history(job.job_id)
             if row["JobID"] == job.job_id]
     assert runs == ["REQUEUED", "COMPLETED"]  # sacct --duplicates keeps the first run
-    assert slurm_cluster.job_state(job.job_id) == "COMPLETED"
 
 
 def test_scancel_of_a_running_job(slurm_cluster, tmp_path):
