@@ -8,6 +8,21 @@ returns a `SlurmCluster`; `SlurmCluster.stop()` ends every process it started, b
 Accounting (slurmdbd + MariaDB) is what gives jobs real end states: without it `sacct` answers
 "accounting storage is disabled" and submitit reads every state as UNKNOWN.
 
+In tests, through the session fixture `slurm_cluster` (tests/conftest.py), which also points
+SLURM_CONF at the cluster for the whole session:
+
+    def test_something(slurm_cluster, tmp_path):
+        ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+        ex.update_parameters(slurm_partition=slurm_cluster.partition, timeout_min=1)
+        job = ex.submit(pow, 2, 10)
+        assert job.result() == 1024
+        assert slurm_cluster.wait_state(job.job_id, {"COMPLETED", "FAILED"}) == "COMPLETED"
+        subprocess.run([...], env=slurm_cluster.env)   # a driver process, same cluster
+
+Query accounting by job id (`sacct -j`, as submitit and `SlurmCluster.sacct` do): a job that
+starts in its first scheduling pass reaches the database without an eligible time, which follows
+seconds later; until then a time-window listing (`sacct -a`, `-S`) leaves the job out.
+
 Memory limits (`--mem`), `SlurmCluster.memory_enforcement`:
 - "cgroup", where this process's cgroup-v1 memory controller is writable: jobs run in memory
   cgroups below this process's own (task/cgroup, ConstrainRAMSpace), the kernel OOM-kills a job
