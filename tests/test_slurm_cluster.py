@@ -71,14 +71,16 @@ def run_twice(marker: str) -> int:
 @pytest.fixture(scope="module", autouse=True)
 def overrunning(slurm_cluster, tmp_path_factory):
     """Jobs that sleep past their 1-minute limit, started first so their wait overlaps the other
-    tests. `timeout`: no warning signal (slurm_signal_delay_s=0), so SLURM kills it at its limit.
-    `warned`: submitit's default --signal=USR2@90 reaches it at the first time-limit check; its
-    handler finds the job 'timed-out and not checkpointable' and raises, so the job FAILs early."""
+    tests. SLURM sends submitit's warning signal (--signal=USR2@90, no "B:") to job steps only:
+    `no-warning` (slurm_signal_delay_s=0) and `batch-step` (slurm_use_srun=False: no step) never
+    get it, so SLURM kills them at their limit. `warned` runs under submitit's srun and gets it at
+    the first time-limit check; the handler finds the job 'timed-out and not checkpointable' and
+    raises, so the job FAILs before its limit."""
     folder = tmp_path_factory.mktemp("overrunning")
-    jobs = {
-        "timeout": executor(slurm_cluster, folder, slurm_signal_delay_s=0).submit(time.sleep, 300),
-        "warned": executor(slurm_cluster, folder).submit(time.sleep, 300),
-    }
+    params = {"no-warning": {"slurm_signal_delay_s": 0}, "batch-step": {"slurm_use_srun": False},
+              "warned": {}}
+    jobs = {name: executor(slurm_cluster, folder, **p).submit(time.sleep, 300)
+            for name, p in params.items()}
     yield jobs
     for job in jobs.values():
         job.cancel(check=False)
@@ -172,8 +174,9 @@ def _has_conf(proc: Path, conf: Path) -> bool:
         return False
 
 
-def test_time_limit_ends_in_timeout(slurm_cluster, overrunning):
-    job = overrunning["timeout"]
+@pytest.mark.parametrize("name", ["no-warning", "batch-step"])
+def test_time_limit_ends_in_timeout(slurm_cluster, overrunning, name):
+    job = overrunning[name]
     assert slurm_cluster.wait_state(job.job_id, FINISHED, timeout=150) == "TIMEOUT"
     assert submitit_state(job) == "TIMEOUT"
     elapsed = slurm_cluster.sacct(job.job_id)[job.job_id]["Elapsed"]
