@@ -8,13 +8,13 @@ def pytest_collection_modifyitems(config, items):
     if "slow" not in (config.getoption("-m") or ""):  # slow tests run only when asked: -m slow
         skip_slow = pytest.mark.skip(reason="slow: run with -m slow")
         for item in items:
-            if "slow" in item.keywords:
+            if item.get_closest_marker("slow"):  # markers, not keywords: a folder may be named so
                 item.add_marker(skip_slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip_gpu)
 
 
