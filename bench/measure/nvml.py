@@ -76,16 +76,30 @@ def match_handle(lib: Any, identity: Identity) -> tuple[Any, str]:
     """The NVML handle of the CUDA device with this identity: by UUID, else by PCI bus id (NVML
     and CUDA number devices differently, and CUDA_VISIBLE_DEVICES renumbers them)."""
     uuid, pci = identity
-    handles = [lib.nvmlDeviceGetHandleByIndex(i) for i in range(lib.nvmlDeviceGetCount())]
+    handles, unreadable = [], []
+    for i in range(lib.nvmlDeviceGetCount()):
+        try:  # a GPU this container may not open (NVML lists it, then says No Permission)
+            handles.append(lib.nvmlDeviceGetHandleByIndex(i))
+        except Exception as err:
+            unreadable.append(f"{i}: {err}")
     if uuid:
         for handle in handles:
-            if _uuid_key(lib.nvmlDeviceGetUUID(handle)) == _uuid_key(uuid):
+            if _read(lambda h=handle: _uuid_key(lib.nvmlDeviceGetUUID(h))) == _uuid_key(uuid):
                 return handle, "uuid"
     if pci:
         for handle in handles:
-            if _pci_key(lib.nvmlDeviceGetPciInfo(handle).busId) == _pci_key(pci):
+            if _read(lambda h=handle: _pci_key(lib.nvmlDeviceGetPciInfo(h).busId)) == _pci_key(pci):
                 return handle, "pci_bus_id"
-    raise LookupError(f"no NVML device has UUID {uuid} or PCI bus id {pci}")
+    skipped = f"; NVML devices it could not open: {', '.join(unreadable)}" if unreadable else ""
+    raise LookupError(f"no NVML device has UUID {uuid} or PCI bus id {pci}{skipped}")
+
+
+def _read(query: Callable[[], Any]) -> Any:
+    """One NVML query of one device, None where that device will not answer it."""
+    try:
+        return query()
+    except Exception:
+        return None
 
 
 class DeviceMemoryReader:

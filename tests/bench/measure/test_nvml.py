@@ -152,6 +152,35 @@ def test_handle_matched_by_uuid_then_pci_bus_id():
     assert not ok and "no NVML handle for cuda:0" in why
 
 
+class GuardedNvml(FakeNvml):
+    """Device 0 belongs to someone else: NVML lists it, then refuses to open it (a container's
+    cgroup), or opens it and refuses to read its identity."""
+
+    def __init__(self, refuse, **kw):
+        super().__init__(**kw)
+        self.refuse = refuse
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        if i == 0 and self.refuse == "open":
+            raise FakeNVMLError("Insufficient Permissions")
+        return super().nvmlDeviceGetHandleByIndex(i)
+
+    def nvmlDeviceGetUUID(self, handle):
+        if handle[1] == 0 and self.refuse == "read":
+            raise FakeNVMLError("Insufficient Permissions")
+        return super().nvmlDeviceGetUUID(handle)
+
+
+@pytest.mark.parametrize("refuse", ["open", "read"])
+def test_a_device_nvml_cannot_open_does_not_hide_ours(refuse):
+    lib = GuardedNvml(refuse)
+    assert match_handle(lib, identity(0)) == (("handle", 1), "uuid")
+    assert match_handle(lib, (None, "0000:3b:00.0")) == (("handle", 1), "pci_bus_id")
+    with pytest.raises(LookupError, match="no NVML device") as err:
+        match_handle(lib, ("no-such-uuid", "0000:99:00.0"))
+    assert ("could not open: 0: Insufficient Permissions" in str(err.value)) == (refuse == "open")
+
+
 def _memory_pass(lib, inst, *, baseline, peak):
     """Baseline readings before the model, then a pass whose step raises usage to `peak`."""
     lib.used_v1, lib.used_v2, procs = baseline
