@@ -16,7 +16,10 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
-OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
+# CUDA libraries that fail to allocate their own workspace say so with their status names.
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc",
+               "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+               "cusolver_status_alloc_failed", "cufft_alloc_failed")
 
 
 def serve(conn: Connection, device: str, memory_limit: int | None, settings: dict[str, Any],
