@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Ask for the GPU instruments even on a CPU: their rows then say why they are missing.
     names = list(dict.fromkeys(["torch_cuda", "nvml", *default_instruments(device)]))
+    (out / "env.json").write_text(json.dumps(capture(str(device)), indent=2, default=str) + "\n")
     rows = []
     for workload in cases(models, size=args.size, batch=args.batch, seq_len=args.seq_len,
                           device=str(device)):
@@ -163,10 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = {**case, **run_case(workload, instruments)}
         row |= gaps(row, args.tolerance)
         rows.append(row)
+        write_csv(out / "instruments.csv", rows)  # after every case: a run cut short keeps its rows
         print(f"{workload.model:<20} {workload.phase:<5} {row['check']}", flush=True)
 
-    write_csv(out / "instruments.csv", rows)
-    (out / "env.json").write_text(json.dumps(capture(str(device)), indent=2, default=str) + "\n")
     (out / "summary.md").write_text(summary(rows, args.tolerance))
     print(f"wrote {out / 'instruments.csv'}, env.json, summary.md")
     return 1 if any(r["check"] in ("fail", "error") for r in rows) else 0

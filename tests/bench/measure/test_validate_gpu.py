@@ -44,3 +44,24 @@ def test_gaps_and_the_tolerance_check():
     assert gaps({**row, "predicted_cuda_bytes": 1200}, tolerance=0.10)["check"] == "fail"
     assert gaps({"error": "OutOfMemoryError: ..."}, 0.1)["check"] == "error"
     assert gaps({"predicted_cuda_bytes": 5}, 0.1)["check"] == "skipped: no torch_cuda number"
+
+
+def test_a_validation_cut_short_keeps_the_cases_it_finished(toys, tmp_path, monkeypatch):
+    """tools/gpu_check.sh ends a step at its budget with SIGINT: the rows so far stay on disk."""
+    import bench.measure.validate_gpu as validate
+
+    real, calls = validate.run_case, []
+
+    def second_is_interrupted(workload, instruments):
+        calls.append(workload.phase)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(workload, instruments)
+
+    monkeypatch.setattr(validate, "run_case", second_is_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--out", str(tmp_path), "--device", "cpu", "--models", "toy-stack", "--batch", "2",
+              "--seq-len", "8", "--repeats", "2"])
+    rows = list(csv.DictReader((tmp_path / "instruments.csv").open()))
+    assert [(r["model"], r["phase"]) for r in rows] == [("toy-stack", "train")]
+    assert json.loads((tmp_path / "env.json").read_text())["device"] == "cpu"
