@@ -20,9 +20,9 @@
 #   paper         deqbench run --preset paper, every GPU instrument                       90 / 15
 #   explain       deqbench explain --preset paper-audit, where this tree has it           25 / 10
 #   attention     seq-attention preset, T 2048-8192, plus one case sized past the GPU's
-#                 memory (an OOM row; the cases after it run in fresh workers)            60 / 35
-#   pytest        pytest -m gpu                                                           55 / 30
-#   summary       summary.md (what ran, what failed, wall times, the measured tables)     15 /  5
+#                 memory (an OOM row; the cases after it run in fresh workers)            60 / 32
+#   pytest        pytest -m gpu                                                           55 / 28
+#   summary       summary.md (what ran, what failed, wall times, the measured tables)     15 / 10
 #
 # DIR receives at most four files (fit for a machine that returns 8): summary.md,
 # gpu-check.tar.gz (results/reference/<device kind>/ and results/baselines/<device kind>.json:
@@ -41,7 +41,7 @@ STEPS=(install env validate gpu-validate baseline paper explain attention pytest
 declare -A GPU_BUDGET=([install]=20 [env]=15 [validate]=45 [gpu-validate]=140 [baseline]=15
                        [paper]=90 [explain]=25 [attention]=60 [pytest]=55 [summary]=15)
 declare -A DRY_BUDGET=([install]=20 [env]=12 [validate]=20 [gpu-validate]=25 [baseline]=8
-                       [paper]=15 [explain]=10 [attention]=35 [pytest]=30 [summary]=5)
+                       [paper]=15 [explain]=10 [attention]=32 [pytest]=28 [summary]=10)
 GRACE=5        # seconds between the INT that ends a step at its budget and the KILL
 SKIPPED=99     # a step function's exit code for "skipped" (its reason in $SKIP_NOTE)
 FOUND=98       # ... for "ran to its end, and its checks failed" (a finding, not a failure)
@@ -310,6 +310,7 @@ run_step() {
     PLANNED=$((PLANNED + budget * 1000))
     log="$R/logs/$(printf %02d "$N")-$name.log"
     left=$(((PLANNED - ($(now_ms) - T0)) / 1000 - GRACE))
+    [[ $name == summary ]] && ((left < 3)) && left=3  # what the session brings back: always
     if [[ $name == install && $install == 0 ]]; then
         rc=$SKIPPED wall=0 status=skipped note="--no-install"
         echo "skipped: --no-install" >"$log"

@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -224,6 +225,45 @@ def test_explain_runs_where_the_tree_has_it_and_is_skipped_where_not(tmp_path, p
         assert not (tree / "paper-audit").exists()
 
 
+@pytest.mark.parametrize(("behaviour", "status", "rc"), [("slow", "cut at budget", "124"),
+                                                         ("stubborn", "killed at budget", "137")])
+def test_a_step_past_its_budget_is_ended_with_its_processes_and_the_next_step_runs(
+        tmp_path, behaviour, status, rc):
+    env = image_env(tmp_path, DEQBENCH=f"{sys.executable} -m tests.tools.fake_deqbench",
+                    FAKE_EXPLAIN=behaviour)
+    proc, tree = run_script(tmp_path, "--dry-run", "--steps", "explain", "--budget", "explain=9",
+                            env=env, timeout=120)
+    steps = steps_of(tree)
+    assert proc.returncode == 1 and steps["summary"]["status"] == "ok", proc.stdout[-2000:]
+    explain = steps["explain"]
+    assert (explain["status"], explain["rc"]) == (status, rc)
+    # INT at its budget less the grace for KILL (5 s): 4 s; then KILL 5 s later if deaf to INT
+    assert float(explain["wall_s"]) < (9.5 if behaviour == "stubborn" else 6), explain
+    pid = int((tree / "paper-audit" / "pid").read_text())
+    assert not alive(pid)  # the step's own children went with it
+    assert f"explain {status}" in (tree / "summary.md").read_text()
+
+
+def alive(pid: int, wait_s: float = 5.0) -> bool:
+    """Still running after `wait_s` (a killed process is a zombie until its new parent reaps it)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_step_left_without_time_does_not_start(tmp_path):
+    proc, tree = run_script(tmp_path, "--dry-run", "--steps", "explain", "--budget", "explain=4")
+    assert proc.returncode == 1
+    assert steps_of(tree)["explain"]["status"] == "no time left"
+
+
 @pytest.mark.parametrize("args", [
     ["--steps", "env,bogus"], ["--budget-scale", "0"], ["--budget-scale", "x"],
     ["--budget", "paper"], ["--budget", "nosuch=10"], ["--budget", "paper=0"], ["--frobnicate"],
@@ -241,7 +281,7 @@ def test_the_oom_case_allocates_more_than_the_memory_in_its_first_large_tensor()
     from bench.measure import Workload, measure
 
     gc = helper()
-    limit = 200_000_000
+    limit = 20_000_000
     sweep = gc.oom_sweep(limit)
     seq_len = sweep["seq_len"]
     # relative attention's positional scores, (B, H, T, T) float32: the margin over the limit
