@@ -231,8 +231,10 @@ def header_lines(tree: Path, env: Mapping[str, Any], mode: str, command: str, no
     if cuda.get("total_memory_bytes"):
         facts.append(f"{format_bytes(cuda['total_memory_bytes'])} of GPU memory")
     facts.append(f"git {git.get('sha') or 'unknown here'}{' (dirty)' if git.get('dirty') else ''}")
-    lines += ["; ".join(facts) + ".", f"Command: `{command}`." if command else ""]
-    return [line for line in lines if line is not None]
+    lines.append("; ".join(facts) + ".")
+    if command:
+        lines.append(f"Command: `{command}`.")
+    return lines
 
 
 def step_lines(steps: list[dict[str, str]], budget_total: float | None) -> list[str]:
@@ -431,9 +433,16 @@ def _growth(by_t: Mapping[int, dict]) -> str:
     return f"{math.log(p2 / p1) / math.log(t2 / t1):.2f}"
 
 
+RUN_STEPS = {"gpu-validate": "gpu-validate", "paper": "paper", "seq-attention": "attention",
+             "paper-audit": "explain"}  # run directory -> the step that made it
+
+
 def run_lines(tree: Path) -> list[str]:
+    """Per run: cases done of the matrix, statuses, predicted vs allocated, and the time a case
+    costs beyond its own measurement (a fresh worker's start: process, imports, CUDA context)."""
     lines = ["## Runs", ""]
-    for name in ("gpu-validate", "paper", "seq-attention", "paper-audit"):
+    walls = {s["name"]: num(s, "wall_s") for s in read_steps(tree / "steps.tsv")}
+    for name, step in RUN_STEPS.items():
         rows = read_csv(tree / name / "results.csv")
         if not rows:
             continue
@@ -449,6 +458,11 @@ def run_lines(tree: Path) -> list[str]:
         if misses:
             line += (f"; predicted (512 B blocks) vs allocated as it is: median {_median_pct(misses)}, "
                      f"largest {max(misses, key=abs):+.1%}")
+        inside = [num(r, "elapsed_s") for r in rows if num(r, "elapsed_s") is not None]
+        if walls.get(step) and inside:
+            per_case = walls[step] / len(rows)
+            line += (f"; {per_case:.1f} s of the step's wall per case, {sum(inside) / len(inside):.1f} s "
+                     "of it measuring (elapsed_s)")
         lines.append(line)
     check = tree / "gpu-validate" / "check.txt"
     if check.is_file():

@@ -358,10 +358,13 @@ def test_summary_reads_the_gpu_columns(tmp_path):
                               "size": "paper-small", "depth": 4, "seq_len": t, "status": "ok",
                               "overrides": json.dumps({"attention": attn}), "peak_bytes": peak,
                               "reserved_bytes": peak + 2**21, "memory_source": "torch_cuda"})
+    for row in attention:
+        row["elapsed_s"] = 2.0
     write_csv(tree / "seq-attention" / "results.csv", attention)
     (tree / "steps.tsv").write_text("step\tname\tstatus\trc\twall_s\tbudget_s\tlog\tnote\n"
                                     "1\tenv\tok\t0\t3.0\t15\tlogs/01-env.log\t\n"
-                                    "2\tpaper\tcut at budget\t124\t90.0\t90\tlogs/06-paper.log\t\n")
+                                    "2\tpaper\tcut at budget\t124\t90.0\t90\tlogs/06-paper.log\t\n"
+                                    "3\tattention\tok\t0\t35.0\t60\tlogs/08-attention.log\t\n")
     text = helper().summary_text(tree, mode="gpu", budget_total=480)
 
     paths = dict(re.findall(r"^\| ([^|]+?) \| (yes|\*\*no\*\*|n/a \(CPU\)) \|", text, re.M))
@@ -373,5 +376,7 @@ def test_summary_reads_the_gpu_columns(tmp_path):
             and "11.00 GB → 5.00 GB (54.5%)" in ptb), ptb
     growth = {m[0]: float(m[1]) for m in re.findall(r"\| paper-small L4 \| (\w+) \|.*\| ([\d.]+) \|", text)}
     assert growth == {"sdpa": 1.0, "relative": 2.0}
-    assert "Not ok: paper cut at budget" in text and "Total: 93 s of steps within a budget of 480 s" in text
+    assert "Not ok: paper cut at budget" in text and "Total: 128 s of steps within a budget of 480 s" in text
+    assert "`seq-attention`: 7 cases, 6 ok, 1 oom" in text
+    assert "5.0 s of the step's wall per case, 2.0 s of it measuring" in text
     assert "tar -xzf gpu-check.tar.gz" in text and "results/baselines/nvidia-test.json" in text
