@@ -482,3 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"deqbench: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ValueError as err:
+        from models.registry import PluginError  # only now: it imports torch
+
+        if not isinstance(err, PluginError):
+            raise
+        print(f"deqbench: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -51,15 +51,30 @@ FAMILY_MODULES: list[str] = [
 _loaded = False
 
 
+class PluginError(ValueError):
+    """A module named in $DEQBENCH_PLUGINS that cannot be imported (the message is one line)."""
+
+
 def _load_families() -> None:
     """Import the built-in families, then any plugin modules named (comma-separated) in
-    $DEQBENCH_PLUGINS: a user's own models register the same way and reach worker processes."""
+    $DEQBENCH_PLUGINS: a user's own models register the same way and reach worker processes.
+    A plugin that cannot be imported raises PluginError on this and every later use."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        plugins = [m.strip() for m in os.environ.get("DEQBENCH_PLUGINS", "").split(",") if m.strip()]
-        for module in [*FAMILY_MODULES, *plugins]:
+    if _loaded:
+        return
+    _loaded = True  # first: a family module may use the registry while it registers
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    plugins = [m.strip() for m in os.environ.get("DEQBENCH_PLUGINS", "").split(",") if m.strip()]
+    for module in plugins:
+        try:
             importlib.import_module(module)
+        except Exception as err:  # whatever a user's module raises: its name and first line
+            _loaded = False
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise PluginError(f"cannot import plugin module {module!r} named in DEQBENCH_PLUGINS "
+                              f"({type(err).__name__}: {first}); fix the module or the name, or "
+                              "unset DEQBENCH_PLUGINS") from None
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:

@@ -64,6 +64,34 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(workdir, capsys, arg
     assert _snapshot(workdir) == before  # nothing written, no results/ created
 
 
+# Bad input through the environment: (variable, value, argv, message).
+BAD_ENV = [
+    ("DEQBENCH_PLUGINS", "nonexistent.module", ["list"], "plugin module 'nonexistent.module'"),
+    ("DEQBENCH_PLUGINS", "nonexistent.module", ["run"], "named in DEQBENCH_PLUGINS"),
+    ("DEQBENCH_PLUGINS", "nonexistent.module", ["predict", "--preset", "quick"], "DEQBENCH_PLUGINS"),
+    ("DEQBENCH_PLUGINS", "nonexistent.module", ["train", "--model", "deq-transformer"], "DEQBENCH_PLUGINS"),
+    ("DEQBENCH_PLUGINS", "os,,nonexistent", ["list", "--json"], "plugin module 'nonexistent'"),
+]
+
+
+@pytest.mark.parametrize(("var", "value", "argv", "message"), BAD_ENV,
+                         ids=[f"{v}={x} {' '.join(a)}" for v, x, a, _ in BAD_ENV])
+def test_bad_environment_exits_2_with_one_line_and_writes_nothing(workdir, capsys, monkeypatch,
+                                                                  var, value, argv, message):
+    from models import registry
+
+    registry.list_models()  # restored afterwards: the real families, loaded once
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setenv(var, value)
+    before = _snapshot(workdir)
+    assert exit_code(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and message in captured.err, captured.err
+    assert captured.out == ""
+    assert _snapshot(workdir) == before
+
+
 def exit_code(argv: list[str]) -> int:
     """main()'s return value, or the code of the SystemExit argparse raises for usage errors."""
     try:

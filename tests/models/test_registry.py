@@ -59,3 +59,29 @@ def test_registered_models_have_debug_size_and_known_variant():
     for name in registry.list_models():
         spec = registry.model_spec(name)
         assert "debug" in spec.sizes and spec.variant in registry.VARIANTS
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """The registry as on first use: families and plugins not loaded yet (restored afterwards)."""
+    registry.list_models()
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    monkeypatch.setattr(registry, "_loaded", False)
+
+
+def test_a_plugin_that_is_not_there_is_one_clear_error(fresh_registry, monkeypatch):
+    monkeypatch.setenv("DEQBENCH_PLUGINS", "nonexistent.module")
+    with pytest.raises(registry.PluginError, match=r"nonexistent\.module.*DEQBENCH_PLUGINS") as err:
+        registry.list_models()
+    assert "\n" not in str(err.value) and isinstance(err.value, ValueError)
+    with pytest.raises(registry.PluginError):  # every later use says so too, never a half registry
+        registry.model_spec("deq-transformer")
+
+
+def test_a_plugin_that_fails_on_import_names_the_module_and_the_error(fresh_registry, monkeypatch, tmp_path):
+    (tmp_path / "broken_plugin.py").write_text("import math\nraise RuntimeError('no GPU here\\nsecond line')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("DEQBENCH_PLUGINS", "broken_plugin")
+    with pytest.raises(registry.PluginError, match=r"broken_plugin.*RuntimeError: no GPU here") as err:
+        registry.list_models()
+    assert "second line" not in str(err.value)
