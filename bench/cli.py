@@ -189,10 +189,13 @@ def cmd_env(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
     from bench.runner import RunOptions, link_latest, run_matrix, select_cases
+    from bench.spec import check_instruments_on
 
     matrix = load_matrix_arg(args)
     device = "cpu" if predict else resolve_device_arg(args.device)
     instruments = ("predicted",) if predict else check_instruments(args.instruments)
+    if not predict:
+        check_instruments_on(device, instruments or matrix.settings.instruments)
     memory_limit = None if predict or args.memory_limit is None else parse_size(args.memory_limit)
     if memory_limit is not None and device != "cpu":
         raise BadInput("--memory-limit applies to CPU runs only (it limits the worker's address space)")

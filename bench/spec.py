@@ -186,6 +186,20 @@ class RunSettings:
                 raise SpecError(f"[settings] fit_data: {err}") from None
 
 
+def check_instruments_on(device: str, names: Iterable[str]) -> None:
+    """Instruments asked for by name (--instruments, [settings] instruments) must run on the
+    device: a number asked for that cannot exist is bad input, not an empty column."""
+    import torch
+
+    from bench.measure import make_instrument
+
+    for name in names:
+        ok, why = make_instrument(name).available(torch.device(device))
+        if not ok:
+            raise SpecError(f"instrument {name} cannot run on {device} ({why}); drop it from "
+                            "--instruments / [settings] instruments, or run on a device that has it")
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -22,6 +22,8 @@ def workdir(tmp_path, monkeypatch):
         '[[sweep]]\nmodel = "deq-transformer"\nseq_len = 8\nbatch = 1\nsolver = "newton"\n')
     (tmp_path / "zero.toml").write_text('[[sweep]]\nmodel = "deq-transformer"\nseq_len = 0\nbatch = 1\n')
     (tmp_path / "column.toml").write_text('[[sweep]]\nmodel = "deq-transformer"\nseq_len = 8\nbatch = 1\nwidth = 3\n')
+    (tmp_path / "cuda.toml").write_text('[settings]\ninstruments = ["torch_cuda", "tracked"]\n'
+                                        '[[sweep]]\nmodel = "trellisnet"\ndepth = 2\nseq_len = 8\nbatch = 1\n')
     done = tmp_path / "done"
     done.mkdir()
     (done / "results.csv").write_text("case_id\n")
@@ -48,6 +50,10 @@ BAD = [
     (["run", "--only", "no-such-case"], "matches no case of quick"),
     (["run", "--preset", "quick", "--matrix", "bad.toml"], "give --preset or --matrix, not both"),
     (["run", "--colour"], "unrecognized arguments: --colour"),
+    (["run", "--device", "cpu", "--instruments", "torch_cuda"],
+     "instrument torch_cuda cannot run on cpu (the workload runs on cpu, not CUDA); drop it"),
+    (["run", "--device", "cpu", "--instruments", "tracked,nvml"], "instrument nvml cannot run on cpu"),
+    (["run", "--device", "cpu", "--matrix", "cuda.toml"], "instrument torch_cuda cannot run on cpu"),
     (["predict", "--preset", "nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
