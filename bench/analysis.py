@@ -13,6 +13,7 @@ view, so every number they show is recomputed from the table's raw bytes and sec
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from typing import Any
 
 import pandas as pd
 
+from bench.errors import RunDirError
 from bench.format import fmt, format_bytes, format_pct
 from bench.paper import PAIRS, PROTOCOL
-from bench.results import COLUMNS, LATER_COLUMNS, OK_STATUSES, read_env, read_results
+from bench.results import COLUMNS, ENV, LATER_COLUMNS, OK_STATUSES, RESULTS, read_env, read_results
 
 PAIR_KEY = ["family", "size", "mode", "phase", "seq_len", "batch"]
 # Columns that make a case what it is, apart from its phase: a training case and its eval twin
@@ -48,8 +50,9 @@ class RunView:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunView:
+        """RunDirError (one line) for a results.csv or env.json that is not what a run writes."""
         run_dir = Path(run_dir)
-        return cls.of(read_results(run_dir), read_env(run_dir), run_dir)
+        return cls.of(load_results(run_dir), load_env(run_dir), run_dir)
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]], env: dict[str, Any] | None = None) -> RunView:
@@ -140,6 +143,37 @@ class RunView:
             counts = ", ".join(f"{n} {s}" for s, n in deq["status"].value_counts().items())
             return f"every DEQ case failed ({counts}); see the failed cases below."
         return "no DEQ and baseline case share a shape (seq_len, batch, size, mode, phase)."
+
+
+def load_results(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / RESULTS
+    try:
+        df = read_results(run_dir)
+    except OSError as err:
+        raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise RunDirError(f"{path} is not a results table ({err}); give a run directory written by "
+                          "`deqbench run` or `deqbench predict`") from None
+    absent = [c for c in ("case_id", "status") if c not in df.columns]
+    if absent:
+        raise RunDirError(f"{path} is not a results table (no {', '.join(absent)} column); give a "
+                          "run directory written by `deqbench run` or `deqbench predict`")
+    return df
+
+
+def load_env(run_dir: Path) -> dict[str, Any]:
+    """env.json, or {} where there is none (results.csv alone is enough)."""
+    path = run_dir / ENV
+    try:
+        env = read_env(run_dir)
+    except OSError as err:
+        raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
+    except ValueError:  # not JSON, not UTF-8, empty
+        env = None
+    if not isinstance(env, dict):
+        raise RunDirError(f"{path} is not a JSON object (empty or damaged); restore it, or delete "
+                          "it: results.csv alone is enough")
+    return env
 
 
 def _first(df: pd.DataFrame, col: str) -> str | None:

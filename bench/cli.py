@@ -290,8 +290,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     run_dir = check_run_dir(args.run_dir)
     out = Path(args.output)
+    if out.is_dir():
+        raise BadInput(f"-o {out} is a directory; give a file path, e.g. {out / 'baseline.json'}")
     check_writable_dir(out.parent)
-    data = make_baseline(run_dir)
+    data = make_baseline(run_dir, require_measurements=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, data)
     print(f"baseline of {len(data['cases'])} cases ({data['device_kind']}: {data['device_name']}) -> {out}")

@@ -235,6 +235,9 @@ def load_matrix(path: str | Path) -> Matrix:
         text = path.read_text()
     except OSError as err:
         raise SpecError(f"cannot read matrix file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"matrix file {path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                        "a matrix is a TOML file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -248,15 +251,19 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     settings = _settings(data.get("settings", {}), where)
     defaults = data.get("defaults", {})
     _no_unknown(defaults, KEYS, f"{where} [defaults]")
+    _config_table(defaults, f"{where} [defaults]")
     sweeps = data.get("sweep", [])
     if isinstance(sweeps, Mapping):
         sweeps = [sweeps]
+    if not isinstance(sweeps, list) or not all(isinstance(s, Mapping) for s in sweeps):
+        raise SpecError(f"{where}: [[sweep]] must be tables of axes, got {sweeps!r}")
     if not sweeps:
         raise SpecError(f"{where} has no [[sweep]] table: nothing to run")
     cases: list[Case] = []
     notes: list[str] = []
     for i, sweep in enumerate(sweeps):
         _no_unknown(sweep, KEYS, f"{where} [[sweep]] #{i + 1}")
+        _config_table(sweep, f"{where} [[sweep]] #{i + 1}")
         axes = {**defaults, **sweep, "config": {**defaults.get("config", {}), **sweep.get("config", {})}}
         cases += _expand(axes, settings, f"{where} [[sweep]] #{i + 1}", notes)
     unique = tuple(dict.fromkeys(cases))  # keep order, drop repeats across sweeps
@@ -266,6 +273,12 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
         name=str(data.get("name", default_name)), description=str(data.get("description", "")),
         cases=unique, settings=settings, source=source, notes=tuple(dict.fromkeys(notes)),
     )
+
+
+def _config_table(table: Mapping[str, Any], where: str) -> None:
+    if not isinstance(table.get("config", {}), Mapping):
+        raise SpecError(f"{where}: config must be a table of model config fields, e.g. "
+                        f"config = {{ max_iter = 30 }}; got {table['config']!r}")
 
 
 def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
@@ -284,9 +297,7 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
     from models import BACKWARDS, SOLVERS, make_config, model_spec
 
     models = _models_for(axes, where, notes)
-    config = axes.get("config", {})
-    if not isinstance(config, Mapping):
-        raise SpecError(f"{where}: config must be a table of model config fields")
+    config = axes.get("config", {})  # a table: parse_matrix checked it
     lists = {k: _as_list(v) for k, v in axes.items() if k not in ("family", "variant", "model", "config")}
     for key in ("seq_len", "batch", "depth"):
         for v in lists.get(key, []):

@@ -1,11 +1,14 @@
 """The CLI contract: bad input exits 2 with one line, before anything runs or is written."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench.cli import main, parse_size
+
+CPU_BASELINE = str(Path(__file__).parents[2] / "results" / "baselines" / "cpu.json")
 
 
 def _snapshot(root):
@@ -27,7 +30,50 @@ def workdir(tmp_path, monkeypatch):
     done = tmp_path / "done"
     done.mkdir()
     (done / "results.csv").write_text("case_id\n")
+    _bad_files(tmp_path)
     return tmp_path
+
+
+NOISE = bytes(range(256)) * 8  # not UTF-8, not JSON, not CSV
+
+
+def _bad_files(root):
+    """Odd files and run directories a user may hand to the commands that read them."""
+    from tests.bench.runs import copy_run
+
+    copy_run("quick", root / "quick")
+    (root / "binary.toml").write_bytes(NOISE)
+    (root / "sweep3.toml").write_text("sweep = 3\n")
+    (root / "config3.toml").write_text('[[sweep]]\nmodel = "trellisnet"\ndepth = 2\nseq_len = 8\n'
+                                      'batch = 1\nconfig = 3\n')
+    (root / "defaults-config.toml").write_text('[defaults]\nconfig = [1]\n[[sweep]]\nmodel = '
+                                              '"trellisnet"\ndepth = 2\nseq_len = 8\nbatch = 1\n')
+    binrun = copy_run("quick", root / "binrun")
+    (binrun / "results.csv").write_bytes(NOISE)
+    notable = copy_run("quick", root / "notable")
+    (notable / "results.csv").write_text("colour,size\nred,3\n")
+    (copy_run("quick", root / "emptyenv") / "env.json").write_text("")
+    (copy_run("quick", root / "listenv") / "env.json").write_text("[1, 2]")
+    bare = copy_run("quick", root / "bare")  # cases, but no measurement column
+    (bare / "results.csv").write_text("case_id,model,status\na/T8,trellisnet,ok\nb/T8,trellisnet,ok\n")
+    (copy_run("quick", root / "norows") / "results.csv").write_text(
+        (root / "quick" / "results.csv").read_text().splitlines()[0] + "\n")
+    (root / "outdir").mkdir()
+    good = {"format": 1, "device_kind": "cpu", "device_name": "x",
+            "cases": {"a": {"status": "ok", "deterministic": {"tracked_bytes": 10}, "device": {}}}}
+    for name, data in {
+        "list.json": [1, 2],
+        "nocases.json": {**good, "cases": {}},
+        "nokind.json": {**good, "device_kind": None},
+        "strings.json": {**good, "cases": {"a": {"status": "ok", "deterministic": {"tracked_bytes": "big"}}}},
+        "boolean.json": {**good, "cases": {"a": {"status": "ok", "device": {"peak_bytes": True}}}},
+        "nan.json": {**good, "cases": {"a": {"status": "ok", "device": {"peak_bytes": float("nan")}}}},
+        "notcase.json": {**good, "cases": {"a": [1]}},
+        "cases-list.json": {**good, "cases": [1]},
+        "oldformat.json": {**good, "format": 0},
+    }.items():
+        (root / name).write_text(json.dumps(data))
+    (root / "binary.json").write_bytes(NOISE)
 
 
 BAD = [
@@ -54,6 +100,41 @@ BAD = [
      "instrument torch_cuda cannot run on cpu (the workload runs on cpu, not CUDA); drop it"),
     (["run", "--device", "cpu", "--instruments", "tracked,nvml"], "instrument nvml cannot run on cpu"),
     (["run", "--device", "cpu", "--matrix", "cuda.toml"], "instrument torch_cuda cannot run on cpu"),
+    (["run", "--matrix", "binary.toml"], "matrix file binary.toml is not UTF-8 text"),
+    (["run", "--matrix", "sweep3.toml"], "[[sweep]] must be tables of axes, got 3"),
+    (["run", "--matrix", "config3.toml"], "config must be a table of model config fields"),
+    (["run", "--matrix", "defaults-config.toml"], "config must be a table of model config fields"),
+    (["run", "--matrix", "quick"], "cannot read matrix file quick"),
+    (["plot", "binrun"], "binrun/results.csv is not a results table"),
+    (["report", "binrun"], "binrun/results.csv is not a results table"),
+    (["baseline", "binrun", "-o", "b.json"], "binrun/results.csv is not a results table"),
+    (["check", "binrun", "--baseline", CPU_BASELINE], "is not a results table"),
+    (["plot", "notable"], "notable/results.csv is not a results table (no case_id, status column"),
+    (["report", "emptyenv"], "emptyenv/env.json is not a JSON object"),
+    (["plot", "listenv"], "listenv/env.json is not a JSON object"),
+    (["baseline", "emptyenv", "-o", "b.json"], "emptyenv/env.json is not a JSON object"),
+    (["baseline", "quick", "-o", "outdir"], "-o outdir is a directory; give a file path"),
+    (["baseline", "quick", "-o", "a-file/b.json"], "is not a directory"),
+    (["baseline", "bare", "-o", "b.json"], "has no measurement in any of its 2 case(s)"),
+    (["baseline", "norows", "-o", "b.json"], "norows has no case"),
+    (["baseline", "nowhere", "-o", "b.json"], "nowhere/results.csv does not exist"),
+    (["check", "quick", "--baseline", "list.json"], "list.json is not a deq-bench baseline"),
+    (["check", "quick", "--baseline", "cases-list.json"], "is not a deq-bench baseline"),
+    (["check", "quick", "--baseline", "oldformat.json"], "is not a deq-bench baseline"),
+    (["check", "quick", "--baseline", "nocases.json"], "baseline nocases.json holds no case"),
+    (["check", "quick", "--baseline", "nokind.json"], "names no device kind (device_kind is None)"),
+    (["check", "quick", "--baseline", "strings.json"], "case 'a': tracked_bytes = 'big' is not a finite number"),
+    (["check", "quick", "--baseline", "boolean.json"], "peak_bytes = True is not a finite number"),
+    (["check", "quick", "--baseline", "nan.json"], "peak_bytes = nan is not a finite number"),
+    (["check", "quick", "--baseline", "notcase.json"], "case 'a' is not a case record"),
+    (["check", "quick", "--baseline", "binary.json"], "baseline binary.json is not valid JSON"),
+    (["check", "quick", "--baseline", "quick"], "cannot read baseline quick"),
+    (["check", "quick", "--baseline", CPU_BASELINE, "--tol-speed", "nan"],
+     "tolerance must be a finite, non-negative number, got 'nan'"),
+    (["check", "quick", "--baseline", CPU_BASELINE, "--tol-memory", "inf%"], "finite"),
+    (["check", "quick", "--baseline", CPU_BASELINE, "--tol-memory=-5%"], "non-negative"),
+    (["check", "quick"], "the following arguments are required: --baseline"),
+    (["plot", "a-file"], "a-file/results.csv does not exist"),
     (["predict", "--preset", "nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
