@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.errors import RunDirError, UserError
+from bench.errors import RunDirError, UserError, os_error
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_PRESET = "quick"
@@ -247,7 +247,8 @@ def _outputs(out: Path) -> None:
         figures = plots.plot_run(out)
         report.write_report(out)
     except Exception as err:  # outputs never turn a finished measurement into a failed run
-        print(f"warning: figures/report not written ({type(err).__name__}: {err}); "
+        why = os_error(err) if isinstance(err, OSError) else None
+        print(f"warning: figures/report not written ({why or f'{type(err).__name__}: {err}'}); "
               f"the results are in {out}; retry with `deqbench report {out}`", file=sys.stderr)
         return
     failed = [f"{name}: {why}" for name, why in figures.skipped.items() if why.startswith("failed")]
@@ -295,7 +296,10 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     check_writable_dir(out.parent)
     data = make_baseline(run_dir, require_measurements=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, data)
+    try:
+        write_json(out, data)
+    finally:  # a full disk leaves no half-written <file>.tmp
+        Path(f"{out}.tmp").unlink(missing_ok=True)
     print(f"baseline of {len(data['cases'])} cases ({data['device_kind']}: {data['device_name']}) -> {out}")
     return EXIT_OK
 
@@ -486,6 +490,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UserError as err:
         print(f"deqbench: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # a full disk, a read-only folder: one line; anything else is a bug
+        user = os_error(err)
+        if user is None:
+            raise
+        print(f"deqbench: error: {user}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ValueError as err:
         from models.registry import PluginError  # only now: it imports torch

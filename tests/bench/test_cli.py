@@ -200,3 +200,49 @@ def test_list_json_names_models_presets_solvers_instruments(capsys):
     assert "quick" in listing["presets"] and listing["presets"]["quick"]["cases"] > 0
     assert listing["solvers"] == ["anderson", "broyden", "fixed_point"]
     assert {"tracked", "predicted", "torch_cuda", "nvml", "flops", "timing"} <= set(listing["instruments"])
+
+
+# -- outputs that cannot be written: a full disk, a read-only or forbidden folder ------------------
+def _refuse(code):
+    def write(self, *args, **kwargs):
+        import os
+
+        target = self if not isinstance(self, (str, bytes)) and hasattr(self, "parts") else args[0]
+        raise OSError(code, os.strerror(code), str(target))
+    return write
+
+
+UNWRITABLE = [
+    (["plot", "quick"], "matplotlib.figure.Figure.savefig", "ENOSPC", "No space left on device"),
+    (["report", "quick"], "matplotlib.figure.Figure.savefig", "ENOSPC", "free some space"),
+    (["plot", "quick"], "pathlib.Path.mkdir", "EROFS", "quick/figures: Read-only file system"),
+    (["report", "quick"], "pathlib.Path.mkdir", "EACCES", "choose a directory you can write to"),
+    (["baseline", "quick", "-o", "b.json"], "pathlib.Path.write_text", "ENOSPC", "b.json.tmp: No space"),
+    (["baseline", "quick", "-o", "b.json"], "pathlib.Path.write_text", "EDQUOT", "free some space"),
+]
+
+
+@pytest.mark.parametrize(("argv", "target", "code", "message"), UNWRITABLE,
+                         ids=[f"{' '.join(a)} {c}" for a, _, c, _ in UNWRITABLE])
+def test_unwritable_outputs_are_one_line(workdir, capsys, monkeypatch, argv, target, code, message):
+    import errno
+
+    monkeypatch.setattr(target, _refuse(getattr(errno, code)))
+    before = _snapshot(workdir)
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert _snapshot(workdir) == before  # no half file, no .tmp left behind
+
+
+def test_outputs_of_a_finished_run_that_cannot_be_written_are_a_one_line_warning(workdir, capsys,
+                                                                                monkeypatch):
+    import errno
+
+    from bench import cli
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", _refuse(errno.ENOSPC))
+    cli._outputs(workdir / "quick")  # what `deqbench run` does after its last case; it exits 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "deqbench report" in err, err
+    assert "[Errno" not in err and "OSError" not in err
