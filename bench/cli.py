@@ -238,22 +238,10 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
 
 
 def _outputs(out: Path) -> None:
-    """Figures and report (views of results.csv). A figure that fails is skipped with its
-    reason inside plot_run; anything else here is reported and the run still ends with 0: the
-    measurements are on disk, and `deqbench report` redraws them."""
-    from bench import plots, report
+    from bench.report import write_outputs
 
-    try:
-        figures = plots.plot_run(out)
-        report.write_report(out)
-    except Exception as err:  # outputs never turn a finished measurement into a failed run
-        why = os_error(err) if isinstance(err, OSError) else None
-        print(f"warning: figures/report not written ({why or f'{type(err).__name__}: {err}'}); "
-              f"the results are in {out}; retry with `deqbench report {out}`", file=sys.stderr)
-        return
-    failed = [f"{name}: {why}" for name, why in figures.skipped.items() if why.startswith("failed")]
-    for line in failed:
-        print(f"warning: figure {line}", file=sys.stderr)
+    for line in write_outputs(out):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -47,6 +47,22 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+def write_outputs(run_dir: Path) -> list[str]:
+    """Figures and report.md at the end of `deqbench run`; never raises. A figure that fails is
+    skipped with its reason inside plot_run; any other failure is a warning line and the run
+    still ends with 0: the measurements are on disk, and `deqbench report` redraws them."""
+    from bench.errors import os_error
+
+    try:
+        figures = plots.plot_run(run_dir)
+        write_report(run_dir)
+    except Exception as err:  # outputs never turn a finished measurement into a failed run
+        why = os_error(err) if isinstance(err, OSError) else None
+        return [f"figures/report not written ({why or f'{type(err).__name__}: {err}'}); the "
+                f"results are in {run_dir}; retry with `deqbench report {run_dir}`"]
+    return [f"figure {name}: {why}" for name, why in figures.skipped.items() if why.startswith("failed")]
+
+
 def render(run: RunView, figures: plots.Figures) -> str:
     df = run.df
     p = run.pairs
