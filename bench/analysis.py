@@ -214,6 +214,7 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
         "baseline_step_s": merged["step_s_median_base"],
         "nfe_forward": merged["nfe_forward_deq"],
         "nfe_backward": merged["nfe_backward_deq"],
+        "deq_converged": merged["converged_deq"],  # 0: the DEQ's numbers are of a truncated solve
     })
     ok = out["baseline_status"].isin(OK_STATUSES)
     out["reduction"] = (1.0 - out["deq_peak_bytes"] / out["baseline_peak_bytes"]).where(ok)
@@ -298,7 +299,7 @@ def summary_lines(view: RunView) -> list[str]:
     if p.empty:
         return ["no DEQ-baseline pairs in these results", *quality_lines(view)]
     head = (f"{'family':<12}{'phase':<6}{'T':>5}  {'baseline':<17}{'L':>4}{'DEQ peak':>11}"
-            f"{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}")
+            f"{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}{'converged':>10}")
     lines = [head, "-" * len(head)]
     for r in p.itertuples():
         slow = "—" if pd.isna(r.slowdown) else f"{r.slowdown:.2f}x"
@@ -307,9 +308,28 @@ def summary_lines(view: RunView) -> list[str]:
         lines.append(
             f"{r.family:<12}{r.phase:<6}{r.seq_len:>5}  {r.baseline_model:<17}{r.depth:>4.0f}"
             f"{format_bytes(r.deq_peak_bytes):>11}{base_peak:>11}{format_pct(r.reduction):>8}{slow:>9}{nfe:>9}"
+            f"{converged_text(r.deq_converged):>10}"
         )
     lines.append(f"peak memory source: {', '.join(view.sources()) or '—'}; saving = 1 - DEQ/baseline peak")
-    return lines + quality_lines(view)
+    return lines + unconverged_lines(view) + quality_lines(view)
+
+
+def converged_text(flag: Any) -> str:
+    return "—" if pd.isna(flag) else "yes" if flag else "NO"
+
+
+def unconverged(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with numbers whose solve stopped above its tolerance (`converged` = 0)."""
+    return df[df["status"].isin(OK_STATUSES) & (pd.to_numeric(df["converged"], errors="coerce") == 0)]
+
+
+def unconverged_lines(view: RunView) -> list[str]:
+    cut = unconverged(view.df)
+    if cut.empty:
+        return []
+    return [f"{len(cut)} case(s) did not converge (their time and memory are of a truncated "
+            "solve, not of an equilibrium; raise max_iter or tol):",
+            *(f"  {r.case_id}  {r.error if isinstance(r.error, str) else ''}" for r in cut.itertuples())]
 
 
 def quality_lines(view: RunView) -> list[str]:

@@ -86,8 +86,10 @@ def case_records(rows: Iterable[Mapping[str, Any]],
             train, forward = number(row.get("tracked_bytes")), number(twin.get("tracked_bytes"))
             if train is not None and forward is not None:
                 deterministic["train_minus_eval_bytes"] = train - forward
+        converged = number(row.get("converged"))
         cases[row["case_id"]] = {
             "status": row["status"],
+            **({"converged": bool(converged)} if converged is not None else {}),
             "memory_source": row.get("memory_source"),
             "deterministic": deterministic,
             "device": {k: number(row.get(k)) for k in DEVICE if number(row.get(k)) is not None},
@@ -216,7 +218,8 @@ def compare_cases(base_cases: Mapping[str, dict], run_cases: Mapping[str, dict],
             findings.append(Finding(case_id, "case", None, "present", None, "new-in-run"))
             continue
         base, run = base_cases[case_id], run_cases[case_id]
-        if base["status"] == run["status"] and not _shared_metrics(base, run):
+        if base["status"] == run["status"] and not _shared_metrics(base, run) and (
+                base.get("converged") is None or run.get("converged") is None):
             findings.append(Finding(case_id, "case", "measured", None, None, "not-compared"))
             continue
         findings += _compare_case(case_id, base, run, tol_memory, tol_speed)
@@ -234,6 +237,9 @@ def _compare_case(case_id: str, base: dict, run: dict, tol_memory: float, tol_sp
         worse = base["status"] == "ok"
         out.append(Finding(case_id, "status", base["status"], run["status"], None,
                            "regression" if worse else "improved"))
+    if base.get("converged") is not None and run.get("converged") is not None and base["converged"] != run["converged"]:
+        out.append(Finding(case_id, "converged", base["converged"], run["converged"], None,
+                           "improved" if run["converged"] else "regression"))
     values_b = {**base.get("deterministic", {}), **base.get("device", {})}
     values_r = {**run.get("deterministic", {}), **run.get("device", {})}
     for metric in sorted(set(values_b) & set(values_r)):

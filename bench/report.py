@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from bench import plots
-from bench.analysis import SOURCE_LABELS, RunView
+from bench.analysis import SOURCE_LABELS, RunView, unconverged
 from bench.format import (
     format_bytes,
     format_count,
@@ -32,6 +32,7 @@ from bench.plots.style import VARIANT_COLORS
 from bench.results import OK_STATUSES, number
 
 REPORT = "report.md"
+CUT = "†"  # beside a number of a DEQ whose solve did not converge
 KIND_WORDS = {"untied": "untied, L distinct layers", "tied": "weight-tied, one layer unrolled L times",
               "ckpt": "weight-tied with activation checkpointing", "hf": "HF GPT-2"}
 
@@ -146,12 +147,13 @@ def pair_tables(run: RunView, p: pd.DataFrame) -> list[str]:
         table = []
         for r in rows.itertuples():
             ok = r.baseline_status in OK_STATUSES
+            cut = CUT if number(getattr(r, "deq_converged", None)) == 0 else ""  # a truncated solve
             table.append((
                 r.phase, f"{r.seq_len:.0f}", f"{r.batch:.0f}", r.baseline_model,
                 "—" if number(r.depth) is None else f"{r.depth:.0f}",
                 format_bytes(number(r.deq_peak_bytes)),
                 format_bytes(number(r.baseline_peak_bytes)) if ok else r.baseline_status,
-                format_pct(number(r.reduction)), format_ratio(r.slowdown),
+                format_pct(number(r.reduction)) + cut, format_ratio(r.slowdown) + cut,
                 format_nfe(r.nfe_forward, r.nfe_backward if r.phase != "eval" else None),
                 format_count(r.deq_params_nonembed), format_count(r.baseline_params_nonembed),
                 r.memory_source if isinstance(r.memory_source, str) else "—",
@@ -161,6 +163,10 @@ def pair_tables(run: RunView, p: pd.DataFrame) -> list[str]:
                           if isinstance(s, str)})
         out += ["", f"DEQ solver/backward: {', '.join(solvers) or '—'}; params = non-embedding "
                 "parameters; NFE = the DEQ's function evaluations, forward/backward.", ""]
+        if "deq_converged" in rows and (rows["deq_converged"] == 0).any():
+            out += [f"{CUT} the DEQ's solve did not converge (it stopped above its tolerance): its "
+                    "memory and time are of a truncated solve, not of an equilibrium; see "
+                    "\"Solves that did not converge\" below.", ""]
     for lack in (run.lacks("step_s_median"), run.lacks("nfe_forward", "nfe_backward")):
         if lack:
             out += [f"Note: {lack}; shown as —.", ""]
@@ -235,11 +241,18 @@ def figure_section(figures: plots.Figures) -> list[str]:
 
 def failures(df: pd.DataFrame) -> list[str]:
     bad = df[df["status"] != "ok"]
-    if bad.empty:
-        return ["Every case finished ok."]
-    rows = [(r.status, f"`{r.case_id}`", r.error if isinstance(r.error, str) else "—")
-            for r in bad.itertuples()]
-    return md_table(["status", "case", "error"], rows)
+    out = ["Every case finished ok."] if bad.empty else md_table(
+        ["status", "case", "error"],
+        [(r.status, f"`{r.case_id}`", r.error if isinstance(r.error, str) else "—") for r in bad.itertuples()])
+    cut = unconverged(df)
+    if not cut.empty:
+        out += ["", "### Solves that did not converge", "",
+                f"{len(cut)} case(s) kept their numbers although a solve stopped above its "
+                "tolerance (`converged` = 0): they measure a truncated solve. Raise `max_iter` "
+                "(or the tolerance) to measure the equilibrium.", "",
+                *md_table(["status", "case", "solve"], [(r.status, f"`{r.case_id}`", r.error or "—")
+                                                        for r in cut.itertuples()])]
+    return out
 
 
 # -- the 88% paragraph --------------------------------------------------------------------------
@@ -268,6 +281,10 @@ def claim_paragraph(p: pd.DataFrame, paper: pd.DataFrame | None = None,
                         key=lambda kv: (kv[0][0], order.get(kv[0][1], 99)))
         for (family, kind), g in groups:
             sentences.append(_kind_sentence(family, kind, g))
+    cut = int((measured["deq_converged"] == 0).sum()) if "deq_converged" in measured else 0
+    if cut:
+        sentences.append(f"In {cut} of these pairs the DEQ's solve did not converge ({CUT} in the "
+                         "tables): their savings are of a truncated solve.")
     workspace = _workspace_sentence(df) if df is not None and not measured.empty else None
     if workspace:
         sentences.append(workspace)
