@@ -349,7 +349,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bench.train import CHECKPOINT, EXIT_INTERRUPTED, LOG, Trainer, header_lines, summary_lines
+    from bench.train import EXIT_INTERRUPTED, Trainer, header_lines, summary_lines
 
     command = ["deqbench", *sys.argv[1:]]
     if args.device is not None:
@@ -368,14 +368,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = train_config_from_args(args)
         from bench.runner import default_train_dir
+        from bench.train.checkpoint import check_new_run_dir
         from models import model_spec
 
         with user_errors():
             model_spec(config.model)  # an unknown name fails here, listing the valid ones
         out = Path(args.out) if args.out else default_train_dir(config.model)
-        if (out / CHECKPOINT).exists() or (out / LOG).exists():
-            raise RunDirError(f"{out} already holds a training run; use --resume to continue it "
-                              "or choose another --out")
+        check_new_run_dir(out)
         check_writable_dir(out)
         with user_errors():  # a config field the model does not take, a corpus that is not there
             trainer = Trainer(config, out, progress=not args.no_progress, command=command)

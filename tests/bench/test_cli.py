@@ -74,8 +74,20 @@ def _bad_files(root):
     }.items():
         (root / name).write_text(json.dumps(data))
     (root / "binary.json").write_bytes(NOISE)
+    words = " ".join(f"w{i % 50}" for i in range(3000)) + "\n"
+    for name, valid, test in (("shortvalid", "a\n", words), ("emptyvalid", "", words),
+                              ("shorttest", words, "b c\n")):
+        (root / name).mkdir()
+        for split, text in (("train", words), ("valid", valid), ("test", test)):
+            (root / name / f"{split}.txt").write_text(text)
+    for name, content in (("logonly", None), ("badckpt", NOISE), ("emptyckpt", b"")):
+        (root / name).mkdir()
+        (root / name / "train_log.csv").write_text("step,loss\n1,2.0\n")
+        if content is not None:
+            (root / name / "checkpoint.pt").write_bytes(content)
 
 
+TRAIN = ["train", "--model", "deq-transformer", "--steps", "2", "--no-progress", "--out", "trained"]
 BAD = [
     (["run", "--preset", "nope"], "unknown preset 'nope'; valid presets:"),
     (["run", "--matrix", "missing.toml"], "cannot read matrix file"),
@@ -135,6 +147,23 @@ BAD = [
     (["check", "quick", "--baseline", CPU_BASELINE, "--tol-memory=-5%"], "non-negative"),
     (["check", "quick"], "the following arguments are required: --baseline"),
     (["plot", "a-file"], "a-file/results.csv does not exist"),
+    ([*TRAIN, "--data", "shortvalid"], "the valid split of shortvalid is too short: a split of 2 tokens"),
+    ([*TRAIN, "--data", "emptyvalid"], "the valid split of emptyvalid is too short"),
+    ([*TRAIN, "--data", "shorttest"], "the test split of shorttest is too short"),
+    ([*TRAIN, "--data", "shorttest", "--test-split", "none", "--seq-len", "5000"], "the train split"),
+    (["train", "--resume", "--out", "logonly"], "logonly holds train_log.csv but no checkpoint.pt"),
+    (["train", "--model", "deq-transformer", "--out", "logonly"], "delete it to start again"),
+    (["train", "--resume", "--out", "badckpt"], "cannot read checkpoint badckpt/checkpoint.pt"),
+    (["train", "--resume", "--out", "emptyckpt"], "cannot read checkpoint emptyckpt/checkpoint.pt"),
+    ([*TRAIN, "--lr", "inf"], "lr must be positive and finite, got inf"),
+    ([*TRAIN, "--lr", "nan"], "lr must be positive and finite, got nan"),
+    ([*TRAIN, "--lr", "1e400"], "lr must be positive and finite, got inf"),
+    ([*TRAIN, "--max-seconds", "nan"], "max_seconds must be positive and finite, got nan"),
+    ([*TRAIN, "--max-seconds", "inf"], "max_seconds must be positive and finite"),
+    ([*TRAIN, "--clip", "nan"], "clip must be a non-negative finite number, got nan"),
+    ([*TRAIN, "--weight-decay", "inf"], "weight_decay must be a non-negative finite number"),
+    ([*TRAIN, "--checkpoint-seconds", "nan"], "checkpoint_seconds must be a non-negative finite"),
+    ([*TRAIN, "--checkpoint-seconds", "-1"], "checkpoint_seconds must be a non-negative finite"),
     (["predict", "--preset", "nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
