@@ -26,7 +26,16 @@ import pandas as pd
 from bench.errors import RunDirError
 from bench.format import fmt, format_bytes, format_pct
 from bench.paper import PAIRS, PROTOCOL
-from bench.results import COLUMNS, ENV, LATER_COLUMNS, OK_STATUSES, RESULTS, read_env, read_results
+from bench.results import (
+    COLUMNS,
+    ENV,
+    LATER_COLUMNS,
+    OK_STATUSES,
+    RESULTS,
+    STATUSES,
+    read_env,
+    read_results,
+)
 
 PAIR_KEY = ["family", "size", "mode", "phase", "seq_len", "batch"]
 # Columns that make a case what it is, apart from its phase: a training case and its eval twin
@@ -155,9 +164,19 @@ def load_results(run_dir: Path) -> pd.DataFrame:
         raise RunDirError(f"{path} is not a results table ({err}); give a run directory written by "
                           "`deqbench run` or `deqbench predict`") from None
     absent = [c for c in ("case_id", "status") if c not in df.columns]
-    if absent:
-        raise RunDirError(f"{path} is not a results table (no {', '.join(absent)} column); give a "
-                          "run directory written by `deqbench run` or `deqbench predict`")
+    twice = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if absent or twice:
+        why = f"no {', '.join(absent)} column" if absent else f"column {', '.join(twice)} appears twice"
+        raise RunDirError(f"{path} is not a results table ({why}); give a run directory written "
+                          "by `deqbench run` or `deqbench predict`")
+    for i, row in enumerate(df[[c for c in ("case_id", "status", "seq_len", "batch") if c in df]]
+                            .itertuples(index=False), start=1):
+        bad = (f"status {row.status!r} is not one of {', '.join(STATUSES)}" if row.status not in STATUSES
+               else next((f"{c} {getattr(row, c)!r} is not a positive integer" for c in ("seq_len", "batch")
+                          if hasattr(row, c) and getattr(row, c) <= 0), None))  # NaN: empty
+        if bad:
+            raise RunDirError(f"{path} case row {i} ({row.case_id}): {bad}; the file is damaged: fix or "
+                              "drop that row, or run the case again")
     return df
 
 

@@ -45,10 +45,13 @@ def parse_size(text: str) -> int:
     if not m:
         raise BadInput(f"bad size {text!r}; use bytes or a unit, e.g. 2GB, 512MiB")
     value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    scale = (1024 if binary else 1000) ** " KMGT".index(unit or " ")
-    if value * scale <= 0:
-        raise BadInput(f"size must be positive, got {text!r}")
-    return int(value * scale)
+    size = int(value * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+    if value <= 0 or size < 1:
+        raise BadInput(f"size must be positive, got {text!r}" if value <= 0 else
+                       f"size must be at least 1 byte, got {text!r}")
+    if size >= 2**63:
+        raise BadInput(f"size too large: {text!r} is beyond 2**63 bytes")
+    return size
 
 
 def parse_tolerance(text: str) -> float:
@@ -100,8 +103,13 @@ def check_instruments(text: str | None) -> tuple[str, ...]:
         return ()
     from bench.measure import check_instrument
 
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if not names or twice:
+        raise BadInput(f"--instruments names {'no instrument' if not names else ', '.join(twice) + ' twice'}"
+                       f"; give a comma-separated list, e.g. tracked,timing")
     with user_errors():
-        return tuple(check_instrument(n.strip()) for n in text.split(",") if n.strip())
+        return tuple(check_instrument(n) for n in names)
 
 
 def check_writable_dir(path: Path) -> None:
@@ -473,6 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    empty = [k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()]
+    if empty:  # `--out "$DIR"` with DIR unset must not quietly mean the default
+        name = empty[0] if empty[0] == "run_dir" else "--" + empty[0].replace("_", "-")
+        print(f"deqbench: error: argument {name} is empty (see deqbench {args.command} --help)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return args.func(args)
     except UserError as err:

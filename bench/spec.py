@@ -301,8 +301,8 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
     lists = {k: _as_list(v) for k, v in axes.items() if k not in ("family", "variant", "model", "config")}
     for key in ("seq_len", "batch", "depth"):
         for v in lists.get(key, []):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise SpecError(f"{where}: {key} must be positive integers, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**31:
+                raise SpecError(f"{where}: {key} must be positive integers below 2**31, got {v!r}")
     for key in ("seq_len", "batch"):
         if not lists.get(key):
             raise SpecError(f"{where}: no {key} given (set it in [defaults] or the sweep)")

@@ -74,6 +74,16 @@ def _bad_files(root):
     }.items():
         (root / name).write_text(json.dumps(data))
     (root / "binary.json").write_bytes(NOISE)
+    one = '[[sweep]]\nmodel = "trellisnet"\ndepth = 2\nbatch = 1\nseq_len = '
+    (root / "hugeseq.toml").write_text(one + "9223372036854775808\n")
+    (root / "bigseq.toml").write_text(one + "4611686018427387904\n")
+    text = (root / "quick" / "results.csv").read_text()
+    (copy_run("quick", root / "badstatus") / "results.csv").write_text(text.replace(",ok,", ",banana,", 1))
+    lines = text.splitlines()
+    (copy_run("quick", root / "badnum") / "results.csv").write_text(
+        "\n".join([lines[0], lines[1].replace(",32,2,", ",32,-2,"), *lines[2:]]) + "\n")
+    (copy_run("quick", root / "dupcols") / "results.csv").write_text(
+        lines[0] + ",status\n" + "\n".join(line + ",ok" for line in lines[1:]) + "\n")
     words = " ".join(f"w{i % 50}" for i in range(3000)) + "\n"
     for name, valid, test in (("shortvalid", "a\n", words), ("emptyvalid", "", words),
                               ("shorttest", words, "b c\n")):
@@ -94,7 +104,7 @@ BAD = [
     (["run", "--matrix", "bad.toml"], "does not parse as TOML"),
     (["run", "--matrix", "nomodel.toml"], "unknown model 'resnet'; valid: "),
     (["run", "--matrix", "nosolver.toml"], "unknown solver 'newton'; valid: anderson, broyden, fixed_point"),
-    (["run", "--matrix", "zero.toml"], "seq_len must be positive integers, got 0"),
+    (["run", "--matrix", "zero.toml"], "seq_len must be positive integers below 2**31, got 0"),
     (["run", "--matrix", "column.toml"], r"unknown key(s) ['width']"),
     (["run", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
     (["run", "--device", "cuda:x"], "bad device 'cuda:x'"),
@@ -164,6 +174,29 @@ BAD = [
     ([*TRAIN, "--weight-decay", "inf"], "weight_decay must be a non-negative finite number"),
     ([*TRAIN, "--checkpoint-seconds", "nan"], "checkpoint_seconds must be a non-negative finite"),
     ([*TRAIN, "--checkpoint-seconds", "-1"], "checkpoint_seconds must be a non-negative finite"),
+    (["run", "--preset", ""], "argument --preset is empty"),
+    (["run", "--out", ""], "argument --out is empty"),
+    (["run", "--only", " "], "argument --only is empty"),
+    (["run", "--matrix", ""], "argument --matrix is empty"),
+    (["run", "--instruments", ""], "argument --instruments is empty"),
+    (["run", "--instruments", ",,"], "--instruments names no instrument"),
+    (["run", "--instruments", "tracked,timing,tracked"], "--instruments names tracked twice"),
+    (["run", "--memory-limit", "0.1"], "size must be at least 1 byte, got '0.1'"),
+    (["run", "--memory-limit", "99999999999999999999TB"], "size too large"),
+    (["run", "--matrix", "hugeseq.toml"], "seq_len must be positive integers below 2**31, got 9223372036854775808"),
+    (["run", "--matrix", "bigseq.toml"], "below 2**31"),
+    (["plot", "badstatus"], "badstatus/results.csv case row 1 (deq-transformer/debug/core/train/T32/B2/broyden/"
+                            "implicit): status 'banana' is not one of ok, "),
+    (["report", "badnum"], "badnum/results.csv case row 1 (deq-transformer/debug/core/train/T32/B2/broyden/"
+                           "implicit): batch -2 is not a positive integer"),
+    (["check", "dupcols", "--baseline", CPU_BASELINE], "dupcols/results.csv is not a results table "
+                                                       "(column status appears twice)"),
+    (["baseline", "", "-o", "b.json"], "argument run_dir is empty"),
+    (["check", "quick", "--baseline", ""], "argument --baseline is empty"),
+    ([*TRAIN, "--data", ""], "argument --data is empty"),
+    ([*TRAIN, "--valid-split", ""], "argument --valid-split is empty"),
+    (["train", "--model", "", "--out", "trained"], "argument --model is empty"),
+    (["env", "--device", ""], "argument --device is empty"),
     (["predict", "--preset", "nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
