@@ -155,21 +155,10 @@ def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.measure import list_instruments
-    from bench.spec import list_presets, load_preset
-    from models import BACKWARDS, SOLVERS, list_models, model_spec
+    from bench.spec import catalog
 
-    models = {
-        name: {"family": model_spec(name).family, "variant": model_spec(name).variant,
-               "sizes": list(model_spec(name).sizes), "description": model_spec(name).description}
-        for name in list_models()
-    }
-    presets = {}
-    for name in list_presets():
-        m = load_preset(name)
-        presets[name] = {"description": m.description, "cases": len(m.cases)}
-    listing = {"models": models, "presets": presets, "solvers": sorted(SOLVERS),
-               "backwards": sorted(BACKWARDS), "instruments": list_instruments()}
+    listing = catalog()
+    models, presets = listing["models"], listing["presets"]
     if args.json:
         print(json.dumps(listing, indent=2))
         return EXIT_OK

@@ -218,6 +218,20 @@ class Matrix:
     notes: tuple[str, ...] = ()  # e.g. family x variant combinations that do not exist
 
 
+def catalog() -> dict[str, Any]:
+    """Every name a matrix can use (`deqbench list`): models with their family, variant and
+    sizes; presets with their case counts; solvers, backward modes, instruments."""
+    from bench.measure import list_instruments
+    from models import BACKWARDS, SOLVERS, list_models, model_spec
+
+    models = {name: {"family": (s := model_spec(name)).family, "variant": s.variant,
+                     "sizes": list(s.sizes), "description": s.description} for name in list_models()}
+    presets = {name: {"description": (m := load_preset(name)).description, "cases": len(m.cases)}
+               for name in list_presets()}
+    return {"models": models, "presets": presets, "solvers": sorted(SOLVERS),
+            "backwards": sorted(BACKWARDS), "instruments": list_instruments()}
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
