@@ -77,6 +77,12 @@ def _bad_files(root):
     one = '[[sweep]]\nmodel = "trellisnet"\ndepth = 2\nbatch = 1\nseq_len = '
     (root / "hugeseq.toml").write_text(one + "9223372036854775808\n")
     (root / "bigseq.toml").write_text(one + "4611686018427387904\n")
+    deq = '[[sweep]]\nmodel = "deq-transformer"\nseq_len = 8\nbatch = 1\nconfig = '
+    for name, config in (("dmodel0", "{ d_model = 0 }"), ("initnan", "{ init_std = nan }"),
+                         ("maxiter0", "{ max_iter = 0 }"), ("tolnan", "{ tol = nan }"),
+                         ("solver", '{ solver = "newton" }'), ("dropout", "{ dropout = 1.0 }")):
+        text = deq.replace("deq-transformer", "deq-trellisnet") if name == "initnan" else deq
+        (root / f"cfg-{name}.toml").write_text(text + config + "\n")
     text = (root / "quick" / "results.csv").read_text()
     (copy_run("quick", root / "badstatus") / "results.csv").write_text(text.replace(",ok,", ",banana,", 1))
     lines = text.splitlines()
@@ -197,6 +203,20 @@ BAD = [
     ([*TRAIN, "--valid-split", ""], "argument --valid-split is empty"),
     (["train", "--model", "", "--out", "trained"], "argument --model is empty"),
     (["env", "--device", ""], "argument --device is empty"),
+    (["run", "--matrix", "cfg-dmodel0.toml"], "config: deq-transformer.d_model must be >= 1, got 0"),
+    (["run", "--matrix", "cfg-initnan.toml"], "deq-trellisnet.init_std must be a finite number, got nan"),
+    (["run", "--matrix", "cfg-maxiter0.toml"], "deq-transformer.max_iter must be >= 1, got 0"),
+    (["run", "--matrix", "cfg-tolnan.toml"], "deq-transformer.tol must be a finite number, got nan"),
+    (["run", "--matrix", "cfg-solver.toml"], "deq-transformer: unknown solver 'newton'"),
+    (["run", "--matrix", "cfg-dropout.toml"], "dropout must be in [0, 1) (a probability), got 1.0"),
+    (["predict", "--matrix", "cfg-maxiter0.toml"], "deq-transformer.max_iter must be >= 1, got 0"),
+    ([*TRAIN, "--set", "d_model=0"], "deq-transformer.d_model must be >= 1, got 0"),
+    ([*TRAIN, "--set", "max_iter=0"], "deq-transformer.max_iter must be >= 1, got 0"),
+    ([*TRAIN, "--set", "tol=nan"], "deq-transformer.tol must be a finite number, got nan"),
+    ([*TRAIN, "--set", "b_tol=inf"], "deq-transformer.b_tol must be a finite number, got inf"),
+    ([*TRAIN, "--set", "solver=newton"], "unknown solver 'newton'"),
+    ([*TRAIN, "--set", "dropout=2"], "dropout must be in [0, 1) (a probability), got 2"),
+    ([*TRAIN, "--set", "=3"], "bad --set '=3'; use KEY=VALUE"),
     (["predict", "--preset", "nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
