@@ -194,3 +194,13 @@ def test_an_empty_family_phase_panel_draws_and_reports(tmp_path, capsys):
     assert not [why for why in index.skipped.values() if why.startswith("failed")], index.skipped
     report = (run_dir / "report.md").read_text()
     assert "failed to draw" not in report and "### Speed" in report
+
+
+def test_a_family_missing_a_phase_gets_a_panel_that_says_so(tmp_path):
+    run_dir = copy_run("quick", tmp_path / "run")
+    rewrite(run_dir, lambda df: df[~((df["family"] == "trellisnet") & (df["phase"] == "eval"))])
+    figures = plots.plot_run(run_dir, only=["memory_vs_seq_len", "speed"], formats=("svg",))
+    assert {f.name for f in figures.made} == {"memory_vs_seq_len", "speed"}, figures.skipped
+    for name in ("memory_vs_seq_len", "speed"):
+        svg = (run_dir / "figures" / f"{name}.svg").read_text()
+        assert "trellisnet case" in svg and "in this phase" in svg, name
