@@ -189,9 +189,12 @@ def load_env(run_dir: Path) -> dict[str, Any]:
         raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
     except ValueError:  # not JSON, not UTF-8, empty
         env = None
+    fix = "restore it, or delete it: results.csv alone is enough"
     if not isinstance(env, dict):
-        raise RunDirError(f"{path} is not a JSON object (empty or damaged); restore it, or delete "
-                          "it: results.csv alone is enough")
+        raise RunDirError(f"{path} is not a JSON object (empty or damaged); {fix}")
+    for key in ("matrix", "git", "versions", "cuda", "nvml"):  # the tables a report reads
+        if env.get(key) is not None and not isinstance(env[key], dict):
+            raise RunDirError(f"{path}: {key} is {env[key]!r}, not a table (damaged); {fix}")
     return env
 
 

@@ -54,14 +54,17 @@ def parse_size(text: str) -> int:
     return size
 
 
-def parse_tolerance(text: str) -> float:
-    """'5%' or '0.05' -> 0.05."""
+def parse_tolerance(text: str, option: str = "tolerance") -> float:
+    """'5%' or '0.05' -> 0.05; a bare 5 (500%? 5%?) is refused as ambiguous."""
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise BadInput(f"bad tolerance {text!r}; use a percentage like 5% or a fraction like 0.05") from None
     if not math.isfinite(value) or value < 0:
         raise BadInput(f"tolerance must be a finite, non-negative number, got {text!r}")
+    if value >= 1 and not text.endswith("%"):
+        raise BadInput(f"{option} {text} would be {100 * value:g}%; write {text}% (or the fraction "
+                       f"{value / 100:g}), or {100 * value:g}% if you mean it")
     return value
 
 
@@ -96,20 +99,6 @@ def resolve_device_arg(requested: str) -> str:
 
     with user_errors():
         return resolve_device(requested)
-
-
-def check_instruments(text: str | None) -> tuple[str, ...]:
-    if not text:
-        return ()
-    from bench.measure import check_instrument
-
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if not names or twice:
-        raise BadInput(f"--instruments names {'no instrument' if not names else ', '.join(twice) + ' twice'}"
-                       f"; give a comma-separated list, e.g. tracked,timing")
-    with user_errors():
-        return tuple(check_instrument(n) for n in names)
 
 
 def check_writable_dir(path: Path) -> None:
@@ -186,13 +175,11 @@ def cmd_env(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
     from bench.runner import RunOptions, link_latest, run_matrix, select_cases
-    from bench.spec import check_instruments_on
+    from bench.spec import instrument_list
 
     matrix = load_matrix_arg(args)
     device = "cpu" if predict else resolve_device_arg(args.device)
-    instruments = ("predicted",) if predict else check_instruments(args.instruments)
-    if not predict:
-        check_instruments_on(device, instruments or matrix.settings.instruments)
+    instruments = ("predicted",) if predict else instrument_list(args.instruments, device, matrix.settings)
     memory_limit = None if predict or args.memory_limit is None else parse_size(args.memory_limit)
     if memory_limit is not None and device != "cpu":
         raise BadInput("--memory-limit applies to CPU runs only (it limits the worker's address space)")
@@ -293,7 +280,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from bench.check import comparison, format_findings, load_baseline
 
     run_dir = check_run_dir(args.run_dir)
-    tol_memory, tol_speed = parse_tolerance(args.tol_memory), parse_tolerance(args.tol_speed)
+    tol_memory = parse_tolerance(args.tol_memory, "--tol-memory")
+    tol_speed = parse_tolerance(args.tol_speed, "--tol-speed")
     baseline = load_baseline(Path(args.baseline))
     result = comparison(run_dir, baseline, tol_memory, tol_speed)
     for line in [*format_findings(result.findings), "", *result.lines(args.allow_missing)]:

@@ -186,18 +186,32 @@ class RunSettings:
                 raise SpecError(f"[settings] fit_data: {err}") from None
 
 
-def check_instruments_on(device: str, names: Iterable[str]) -> None:
-    """Instruments asked for by name (--instruments, [settings] instruments) must run on the
-    device: a number asked for that cannot exist is bad input, not an empty column."""
+def instrument_list(text: str | None, device: str, settings: RunSettings) -> tuple[str, ...]:
+    """The instruments of a run: `--instruments` (comma-separated), else the matrix's
+    [settings] instruments, else () for all the device allows. Every name is known and given
+    once, and each one asked for by name runs on the device: a number asked for that cannot
+    exist is bad input, not an empty column."""
     import torch
 
-    from bench.measure import make_instrument
+    from bench.measure import check_instrument, make_instrument
 
+    names = list(settings.instruments)
+    if text is not None:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if not names or twice:
+            raise SpecError(f"--instruments names {', '.join(twice) + ' twice' if twice else 'no instrument'}; "
+                            "give a comma-separated list, e.g. tracked,timing")
+        try:
+            names = [check_instrument(n) for n in names]
+        except ValueError as err:
+            raise SpecError(str(err)) from None
     for name in names:
         ok, why = make_instrument(name).available(torch.device(device))
         if not ok:
             raise SpecError(f"instrument {name} cannot run on {device} ({why}); drop it from "
                             "--instruments / [settings] instruments, or run on a device that has it")
+    return tuple(names)
 
 
 def _is_int(value: Any) -> bool:
@@ -289,10 +303,18 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     )
 
 
+CONFIG_AXES = ("depth", "solver", "backward")  # model config fields that are axes of a case
+
+
 def _config_table(table: Mapping[str, Any], where: str) -> None:
-    if not isinstance(table.get("config", {}), Mapping):
+    config = table.get("config", {})
+    if not isinstance(config, Mapping):
         raise SpecError(f"{where}: config must be a table of model config fields, e.g. "
-                        f"config = {{ max_iter = 30 }}; got {table['config']!r}")
+                        f"config = {{ max_iter = 30 }}; got {config!r}")
+    axis = next((k for k in CONFIG_AXES if k in config), None)
+    if axis:  # the axis would silently win over it (and the case id would say otherwise)
+        raise SpecError(f"{where}: config: {axis} is an axis of the matrix: give {axis} = "
+                        f"{config[axis]!r} in the sweep (or [defaults]), not in config")
 
 
 def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:

@@ -66,6 +66,12 @@ class TrainConfig:
                                  "default on CUDA)")
 
     def __post_init__(self) -> None:
+        for key, value in self.overrides:  # fields the run sets itself would be overridden
+            if key == "vocab_size":
+                raise ValueError("vocab_size comes from the corpus; drop --set vocab_size (a "
+                                 "directory's vocabulary: --max-vocab; synthetic: synthetic:vocab=N)")
+            if key == "depth":
+                raise ValueError(f"depth is an option of its own: use --depth {value}, not --set depth={value}")
         for name in ("steps", "batch", "seq_len", "log_every"):
             _check_int(name, getattr(self, name), low=1)
         for name in ("warmup", "eval_every", "checkpoint_every", "seed"):

@@ -80,9 +80,15 @@ def _bad_files(root):
     deq = '[[sweep]]\nmodel = "deq-transformer"\nseq_len = 8\nbatch = 1\nconfig = '
     for name, config in (("dmodel0", "{ d_model = 0 }"), ("initnan", "{ init_std = nan }"),
                          ("maxiter0", "{ max_iter = 0 }"), ("tolnan", "{ tol = nan }"),
-                         ("solver", '{ solver = "newton" }'), ("dropout", "{ dropout = 1.0 }")):
+                         ("solver", '{ b_solver = "newton" }'), ("dropout", "{ dropout = 1.0 }")):
         text = deq.replace("deq-transformer", "deq-trellisnet") if name == "initnan" else deq
         (root / f"cfg-{name}.toml").write_text(text + config + "\n")
+    for key, value in (("depth", "3"), ("solver", '"anderson"'), ("backward", '"phantom"')):
+        model = "trellisnet" if key == "depth" else "deq-trellisnet"
+        (root / f"cfg-axis-{key}.toml").write_text(
+            f'[[sweep]]\nmodel = "{model}"\nseq_len = 8\nbatch = 1\ndepth = 2\nconfig = {{ {key} = {value} }}\n')
+    copy_run("quick", root / "envtypes")
+    (root / "envtypes" / "env.json").write_text('{"matrix": "quick", "git": "abc"}')
     text = (root / "quick" / "results.csv").read_text()
     (copy_run("quick", root / "badstatus") / "results.csv").write_text(text.replace(",ok,", ",banana,", 1))
     lines = text.splitlines()
@@ -217,6 +223,17 @@ BAD = [
     ([*TRAIN, "--set", "solver=newton"], "unknown solver 'newton'"),
     ([*TRAIN, "--set", "dropout=2"], "dropout must be in [0, 1) (a probability), got 2"),
     ([*TRAIN, "--set", "=3"], "bad --set '=3'; use KEY=VALUE"),
+    (["run", "--matrix", "cfg-axis-depth.toml"], "config: depth is an axis of the matrix: give depth = "),
+    (["run", "--matrix", "cfg-axis-solver.toml"], "config: solver is an axis of the matrix"),
+    (["run", "--matrix", "cfg-axis-backward.toml"], "config: backward is an axis of the matrix"),
+    (["report", "envtypes"], "envtypes/env.json: matrix is 'quick', not a table"),
+    (["check", "quick", "--baseline", CPU_BASELINE, "--tol-memory", "5"],
+     "--tol-memory 5 would be 500%; write 5% (or the fraction 0.05)"),
+    (["check", "quick", "--baseline", CPU_BASELINE, "--tol-speed", "1"], "would be 100%"),
+    ([*TRAIN, "--data", "synthetic:alpha=inf"], "alpha > 0 (finite)"),
+    ([*TRAIN, "--set", "vocab_size=0"], "vocab_size comes from the corpus; drop --set vocab_size"),
+    (["train", "--model", "transformer", "--set", "depth=3", "--out", "trained"],
+     "depth is an option of its own: use --depth 3, not --set depth=3"),
     (["predict", "--preset", "nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
