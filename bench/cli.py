@@ -183,9 +183,7 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
     memory_limit = None if predict or args.memory_limit is None else parse_size(args.memory_limit)
     if memory_limit is not None and device != "cpu":
         raise BadInput("--memory-limit applies to CPU runs only (it limits the worker's address space)")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BadInput(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # RunSettings checks the value
         matrix = dataclasses.replace(
             matrix, settings=dataclasses.replace(matrix.settings, threads=args.threads))
     if args.only and not select_cases(matrix.cases, args.only):
@@ -258,13 +256,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from bench.check import make_baseline
+    from bench.check import load_baseline, make_baseline
     from bench.results import write_json
 
     run_dir = check_run_dir(args.run_dir)
     out = Path(args.output)
     if out.is_dir():
         raise BadInput(f"-o {out} is a directory; give a file path, e.g. {out / 'baseline.json'}")
+    try:  # an older baseline is replaced; anything else (a run's results.csv) is kept
+        if out.exists():
+            load_baseline(out)
+    except UserError:
+        raise BadInput(f"{out} exists and is not a deq-bench baseline; refusing to overwrite it "
+                       "(choose another -o, or delete it)") from None
     check_writable_dir(out.parent)
     data = make_baseline(run_dir, require_measurements=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,10 @@ class RunDirError(UserError):
 # OSErrors a user fixes by freeing space or choosing another place: errno -> how to fix it.
 _NO_SPACE = "free some space and run the command again"
 _NO_ACCESS = "choose a directory you can write to (or fix its permissions)"
+_IN_THE_WAY = "move it out of the way or choose another directory"
 FIXABLE_OS_ERRORS = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EROFS: _NO_ACCESS,
-                     errno.EACCES: _NO_ACCESS, errno.EPERM: _NO_ACCESS}
+                     errno.EACCES: _NO_ACCESS, errno.EPERM: _NO_ACCESS, errno.EEXIST: _IN_THE_WAY,
+                     errno.EISDIR: _IN_THE_WAY, errno.ENOTDIR: _IN_THE_WAY}
 
 
 def os_error(err: OSError) -> UserError | None:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from bench import plots
 from bench.analysis import SOURCE_LABELS, RunView, unconverged
+from bench.errors import RunDirError
 from bench.format import (
     format_bytes,
     format_count,
@@ -42,8 +43,10 @@ def write_report(run_dir: str | Path) -> Path:
     results.csv, else drawn again. Returns the report's path."""
     run_dir = Path(run_dir)
     run = RunView.load(run_dir)
-    figures = plots.load_index(run_dir) or plots.plot_run(run)
     path = run_dir / REPORT
+    if path.is_dir():  # before drawing anything
+        raise RunDirError(f"{path} is a directory; move it out of the way, then run `deqbench report` again")
+    figures = plots.load_index(run_dir) or plots.plot_run(run)
     path.write_text(render(run, figures))
     return path
 

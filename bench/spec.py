@@ -48,7 +48,8 @@ AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", 
 KEYS = (*AXES, "config")  # config: model config overrides, the same for every case of a sweep
 PHASES = ("train", "eval", "fit")
 MODES = ("core", "lm")
-DTYPES = ("float32", "float64", "bfloat16", "float16")  # bench.measure.workload.DTYPES' names
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+MAX_THREADS = 1024  # torch intra-op threads: a typo like 1000000 would start that many threads  # bench.measure.workload.DTYPES' names
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,8 +153,8 @@ class RunSettings:
         for key, low in (("warmup", 0), ("repeats", 1), ("seed", 0)):
             if not _is_int(getattr(self, key)) or getattr(self, key) < low:
                 raise bad(key, "a positive integer" if low else "a non-negative integer")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
-            raise bad("threads", "a positive integer")
+        if self.threads is not None and (not _is_int(self.threads) or not 1 <= self.threads <= MAX_THREADS):
+            raise bad("threads", f"a positive integer up to {MAX_THREADS}")
         for key, kind in (("timeout_s", "number"), ("fit_steps", "integer"),
                           ("fit_seconds", "number"), ("fit_lr", "number")):
             value = getattr(self, key)

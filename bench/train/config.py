@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.data import Splits
 from bench.errors import CorpusError
+from bench.spec import MAX_THREADS
 
 if TYPE_CHECKING:
     from bench.data import Corpus
@@ -80,6 +81,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, low=0 if name == "pretrain_steps" else 1)
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
         if self.max_seconds is not None and not (_finite(self.max_seconds) and self.max_seconds > 0):
             raise ValueError(f"max_seconds must be positive and finite, got {self.max_seconds}")
         if not (_finite(self.lr) and self.lr > 0):

@@ -89,6 +89,10 @@ def _bad_files(root):
             f'[[sweep]]\nmodel = "{model}"\nseq_len = 8\nbatch = 1\ndepth = 2\nconfig = {{ {key} = {value} }}\n')
     copy_run("quick", root / "envtypes")
     (root / "envtypes" / "env.json").write_text('{"matrix": "quick", "git": "abc"}')
+    (root / "threads.toml").write_text('[settings]\nthreads = 1000000\n[[sweep]]\nmodel = "trellisnet"\n'
+                                       'depth = 2\nseq_len = 8\nbatch = 1\n')
+    (copy_run("quick", root / "reportdir") / "report.md").mkdir()
+    (copy_run("quick", root / "figfile") / "figures").write_text("not a directory")
     text = (root / "quick" / "results.csv").read_text()
     (copy_run("quick", root / "badstatus") / "results.csv").write_text(text.replace(",ok,", ",banana,", 1))
     lines = text.splitlines()
@@ -121,7 +125,7 @@ BAD = [
     (["run", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"),
     (["run", "--device", "cuda:x"], "bad device 'cuda:x'"),
     (["run", "--instruments", "tracked,sonar"], "unknown instrument 'sonar'; valid instruments: "),
-    (["run", "--threads", "0"], "--threads must be >= 1"),
+    (["run", "--threads", "0"], "threads must be a positive integer up to 1024, got 0"),
     (["run", "--memory-limit", "lots"], "bad size 'lots'"),
     (["run", "--memory-limit", "0"], "size must be positive"),
     (["run", "--out", "a-file/run"], "is not a directory"),
@@ -234,6 +238,14 @@ BAD = [
     ([*TRAIN, "--set", "vocab_size=0"], "vocab_size comes from the corpus; drop --set vocab_size"),
     (["train", "--model", "transformer", "--set", "depth=3", "--out", "trained"],
      "depth is an option of its own: use --depth 3, not --set depth=3"),
+    (["run", "--threads", "1000000"], "threads must be a positive integer up to 1024, got 1000000"),
+    (["run", "--matrix", "threads.toml"], "threads must be a positive integer up to 1024"),
+    ([*TRAIN, "--threads", "100000"], "threads must be <= 1024, got 100000"),
+    (["baseline", "quick", "-o", "quick/results.csv"], "quick/results.csv exists and is not a deq-bench "
+                                                      "baseline; refusing to overwrite it"),
+    (["baseline", "quick", "-o", "bad.toml"], "refusing to overwrite it"),
+    (["plot", "figfile"], "cannot write figfile/figures: File exists; move it out of the way"),
+    (["report", "reportdir"], "reportdir/report.md is a directory; move it out of the way"),
     (["predict", "--preset", "nope"], "unknown preset 'nope'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ]
