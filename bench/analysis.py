@@ -13,6 +13,7 @@ view, so every number they show is recomputed from the table's raw bytes and sec
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,9 +23,19 @@ from typing import Any
 
 import pandas as pd
 
+from bench.errors import RunDirError
 from bench.format import fmt, format_bytes, format_pct
 from bench.paper import PAIRS, PROTOCOL
-from bench.results import COLUMNS, LATER_COLUMNS, OK_STATUSES, read_env, read_results
+from bench.results import (
+    COLUMNS,
+    ENV,
+    LATER_COLUMNS,
+    OK_STATUSES,
+    RESULTS,
+    STATUSES,
+    read_env,
+    read_results,
+)
 
 PAIR_KEY = ["family", "size", "mode", "phase", "seq_len", "batch"]
 # Columns that make a case what it is, apart from its phase: a training case and its eval twin
@@ -48,8 +59,9 @@ class RunView:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> RunView:
+        """RunDirError (one line) for a results.csv or env.json that is not what a run writes."""
         run_dir = Path(run_dir)
-        return cls.of(read_results(run_dir), read_env(run_dir), run_dir)
+        return cls.of(load_results(run_dir), load_env(run_dir), run_dir)
 
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, Any]], env: dict[str, Any] | None = None) -> RunView:
@@ -142,6 +154,50 @@ class RunView:
         return "no DEQ and baseline case share a shape (seq_len, batch, size, mode, phase)."
 
 
+def load_results(run_dir: Path) -> pd.DataFrame:
+    path = run_dir / RESULTS
+    try:
+        df = read_results(run_dir)
+    except OSError as err:
+        raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise RunDirError(f"{path} is not a results table ({err}); give a run directory written by "
+                          "`deqbench run` or `deqbench predict`") from None
+    absent = [c for c in ("case_id", "status") if c not in df.columns]
+    twice = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if absent or twice:
+        why = f"no {', '.join(absent)} column" if absent else f"column {', '.join(twice)} appears twice"
+        raise RunDirError(f"{path} is not a results table ({why}); give a run directory written "
+                          "by `deqbench run` or `deqbench predict`")
+    for i, row in enumerate(df[[c for c in ("case_id", "status", "seq_len", "batch") if c in df]]
+                            .itertuples(index=False), start=1):
+        bad = (f"status {row.status!r} is not one of {', '.join(STATUSES)}" if row.status not in STATUSES
+               else next((f"{c} {getattr(row, c)!r} is not a positive integer" for c in ("seq_len", "batch")
+                          if hasattr(row, c) and getattr(row, c) <= 0), None))  # NaN: empty
+        if bad:
+            raise RunDirError(f"{path} case row {i} ({row.case_id}): {bad}; the file is damaged: fix or "
+                              "drop that row, or run the case again")
+    return df
+
+
+def load_env(run_dir: Path) -> dict[str, Any]:
+    """env.json, or {} where there is none (results.csv alone is enough)."""
+    path = run_dir / ENV
+    try:
+        env = read_env(run_dir)
+    except OSError as err:
+        raise RunDirError(f"cannot read {path}: {err.strerror or err}") from None
+    except ValueError:  # not JSON, not UTF-8, empty
+        env = None
+    fix = "restore it, or delete it: results.csv alone is enough"
+    if not isinstance(env, dict):
+        raise RunDirError(f"{path} is not a JSON object (empty or damaged); {fix}")
+    for key in ("matrix", "git", "versions", "cuda", "nvml"):  # the tables a report reads
+        if env.get(key) is not None and not isinstance(env[key], dict):
+            raise RunDirError(f"{path}: {key} is {env[key]!r}, not a table (damaged); {fix}")
+    return env
+
+
 def _first(df: pd.DataFrame, col: str) -> str | None:
     if col not in df:
         return None
@@ -180,6 +236,7 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
         "baseline_step_s": merged["step_s_median_base"],
         "nfe_forward": merged["nfe_forward_deq"],
         "nfe_backward": merged["nfe_backward_deq"],
+        "deq_converged": merged["converged_deq"],  # 0: the DEQ's numbers are of a truncated solve
     })
     ok = out["baseline_status"].isin(OK_STATUSES)
     out["reduction"] = (1.0 - out["deq_peak_bytes"] / out["baseline_peak_bytes"]).where(ok)
@@ -264,7 +321,7 @@ def summary_lines(view: RunView) -> list[str]:
     if p.empty:
         return ["no DEQ-baseline pairs in these results", *quality_lines(view)]
     head = (f"{'family':<12}{'phase':<6}{'T':>5}  {'baseline':<17}{'L':>4}{'DEQ peak':>11}"
-            f"{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}")
+            f"{'base peak':>11}{'saving':>8}{'slowdown':>9}{'NFE f/b':>9}{'converged':>10}")
     lines = [head, "-" * len(head)]
     for r in p.itertuples():
         slow = "—" if pd.isna(r.slowdown) else f"{r.slowdown:.2f}x"
@@ -273,9 +330,28 @@ def summary_lines(view: RunView) -> list[str]:
         lines.append(
             f"{r.family:<12}{r.phase:<6}{r.seq_len:>5}  {r.baseline_model:<17}{r.depth:>4.0f}"
             f"{format_bytes(r.deq_peak_bytes):>11}{base_peak:>11}{format_pct(r.reduction):>8}{slow:>9}{nfe:>9}"
+            f"{converged_text(r.deq_converged):>10}"
         )
     lines.append(f"peak memory source: {', '.join(view.sources()) or '—'}; saving = 1 - DEQ/baseline peak")
-    return lines + quality_lines(view)
+    return lines + unconverged_lines(view) + quality_lines(view)
+
+
+def converged_text(flag: Any) -> str:
+    return "—" if pd.isna(flag) else "yes" if flag else "NO"
+
+
+def unconverged(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with numbers whose solve stopped above its tolerance (`converged` = 0)."""
+    return df[df["status"].isin(OK_STATUSES) & (pd.to_numeric(df["converged"], errors="coerce") == 0)]
+
+
+def unconverged_lines(view: RunView) -> list[str]:
+    cut = unconverged(view.df)
+    if cut.empty:
+        return []
+    return [f"{len(cut)} case(s) did not converge (their time and memory are of a truncated "
+            "solve, not of an equilibrium; raise max_iter or tol):",
+            *(f"  {r.case_id}  {r.error if isinstance(r.error, str) else ''}" for r in cut.itertuples())]
 
 
 def quality_lines(view: RunView) -> list[str]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.errors import RunDirError, UserError
+from bench.errors import RunDirError, UserError, os_error
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_PRESET = "quick"
@@ -45,20 +45,26 @@ def parse_size(text: str) -> int:
     if not m:
         raise BadInput(f"bad size {text!r}; use bytes or a unit, e.g. 2GB, 512MiB")
     value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    scale = (1024 if binary else 1000) ** " KMGT".index(unit or " ")
-    if value * scale <= 0:
-        raise BadInput(f"size must be positive, got {text!r}")
-    return int(value * scale)
+    size = int(value * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+    if value <= 0 or size < 1:
+        raise BadInput(f"size must be positive, got {text!r}" if value <= 0 else
+                       f"size must be at least 1 byte, got {text!r}")
+    if size >= 2**63:
+        raise BadInput(f"size too large: {text!r} is beyond 2**63 bytes")
+    return size
 
 
-def parse_tolerance(text: str) -> float:
-    """'5%' or '0.05' -> 0.05."""
+def parse_tolerance(text: str, option: str = "tolerance") -> float:
+    """'5%' or '0.05' -> 0.05; a bare 5 (500%? 5%?) is refused as ambiguous."""
     try:
         value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise BadInput(f"bad tolerance {text!r}; use a percentage like 5% or a fraction like 0.05") from None
     if not math.isfinite(value) or value < 0:
         raise BadInput(f"tolerance must be a finite, non-negative number, got {text!r}")
+    if value >= 1 and not text.endswith("%"):
+        raise BadInput(f"{option} {text} would be {100 * value:g}%; write {text}% (or the fraction "
+                       f"{value / 100:g}), or {100 * value:g}% if you mean it")
     return value
 
 
@@ -93,15 +99,6 @@ def resolve_device_arg(requested: str) -> str:
 
     with user_errors():
         return resolve_device(requested)
-
-
-def check_instruments(text: str | None) -> tuple[str, ...]:
-    if not text:
-        return ()
-    from bench.measure import check_instrument
-
-    with user_errors():
-        return tuple(check_instrument(n.strip()) for n in text.split(",") if n.strip())
 
 
 def check_writable_dir(path: Path) -> None:
@@ -147,21 +144,10 @@ def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
 
 # -- commands -------------------------------------------------------------------------------------
 def cmd_list(args: argparse.Namespace) -> int:
-    from bench.measure import list_instruments
-    from bench.spec import list_presets, load_preset
-    from models import BACKWARDS, SOLVERS, list_models, model_spec
+    from bench.spec import catalog
 
-    models = {
-        name: {"family": model_spec(name).family, "variant": model_spec(name).variant,
-               "sizes": list(model_spec(name).sizes), "description": model_spec(name).description}
-        for name in list_models()
-    }
-    presets = {}
-    for name in list_presets():
-        m = load_preset(name)
-        presets[name] = {"description": m.description, "cases": len(m.cases)}
-    listing = {"models": models, "presets": presets, "solvers": sorted(SOLVERS),
-               "backwards": sorted(BACKWARDS), "instruments": list_instruments()}
+    listing = catalog()
+    models, presets = listing["models"], listing["presets"]
     if args.json:
         print(json.dumps(listing, indent=2))
         return EXIT_OK
@@ -189,16 +175,15 @@ def cmd_env(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
     from bench.runner import RunOptions, link_latest, run_matrix, select_cases
+    from bench.spec import instrument_list
 
     matrix = load_matrix_arg(args)
     device = "cpu" if predict else resolve_device_arg(args.device)
-    instruments = ("predicted",) if predict else check_instruments(args.instruments)
+    instruments = ("predicted",) if predict else instrument_list(args.instruments, device, matrix.settings)
     memory_limit = None if predict or args.memory_limit is None else parse_size(args.memory_limit)
     if memory_limit is not None and device != "cpu":
         raise BadInput("--memory-limit applies to CPU runs only (it limits the worker's address space)")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BadInput(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # RunSettings checks the value
         matrix = dataclasses.replace(
             matrix, settings=dataclasses.replace(matrix.settings, threads=args.threads))
     if args.only and not select_cases(matrix.cases, args.only):
@@ -235,21 +220,10 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
 
 
 def _outputs(out: Path) -> None:
-    """Figures and report (views of results.csv). A figure that fails is skipped with its
-    reason inside plot_run; anything else here is reported and the run still ends with 0: the
-    measurements are on disk, and `deqbench report` redraws them."""
-    from bench import plots, report
+    from bench.report import write_outputs
 
-    try:
-        figures = plots.plot_run(out)
-        report.write_report(out)
-    except Exception as err:  # outputs never turn a finished measurement into a failed run
-        print(f"warning: figures/report not written ({type(err).__name__}: {err}); "
-              f"the results are in {out}; retry with `deqbench report {out}`", file=sys.stderr)
-        return
-    failed = [f"{name}: {why}" for name, why in figures.skipped.items() if why.startswith("failed")]
-    for line in failed:
-        print(f"warning: figure {line}", file=sys.stderr)
+    for line in write_outputs(out):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -282,35 +256,43 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from bench.check import make_baseline
+    from bench.check import load_baseline, make_baseline
     from bench.results import write_json
 
     run_dir = check_run_dir(args.run_dir)
     out = Path(args.output)
+    if out.is_dir():
+        raise BadInput(f"-o {out} is a directory; give a file path, e.g. {out / 'baseline.json'}")
+    try:  # an older baseline is replaced; anything else (a run's results.csv) is kept
+        if out.exists():
+            load_baseline(out)
+    except UserError:
+        raise BadInput(f"{out} exists and is not a deq-bench baseline; refusing to overwrite it "
+                       "(choose another -o, or delete it)") from None
     check_writable_dir(out.parent)
-    data = make_baseline(run_dir)
+    data = make_baseline(run_dir, require_measurements=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, data)
+    try:
+        write_json(out, data)
+    finally:  # a full disk leaves no half-written <file>.tmp
+        Path(f"{out}.tmp").unlink(missing_ok=True)
     print(f"baseline of {len(data['cases'])} cases ({data['device_kind']}: {data['device_name']}) -> {out}")
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from bench.check import FAILING, compare, format_findings, load_baseline
-    from bench.results import read_env
+    from bench.check import comparison, format_findings, load_baseline
 
     run_dir = check_run_dir(args.run_dir)
-    tol_memory, tol_speed = parse_tolerance(args.tol_memory), parse_tolerance(args.tol_speed)
+    tol_memory = parse_tolerance(args.tol_memory, "--tol-memory")
+    tol_speed = parse_tolerance(args.tol_speed, "--tol-speed")
     baseline = load_baseline(Path(args.baseline))
-    findings = compare(run_dir, baseline, tol_memory, tol_speed)
-    for line in format_findings(findings):
+    result = comparison(run_dir, baseline, tol_memory, tol_speed)
+    for line in [*format_findings(result.findings), "", *result.lines(args.allow_missing)]:
         print(line)
-    bad = [f for f in findings if f.verdict in FAILING]
-    if baseline.get("device_name") != read_env(run_dir).get("device_name"):
-        print(f"speed not compared: baseline measured on {baseline.get('device_name')}")
-    print(f"\n{len(bad)} regression(s) against {args.baseline} "
+    print(f"\n{len(result.regressions)} regression(s) against {args.baseline} "
           f"(memory tolerance {100 * tol_memory:g}%, speed {100 * tol_speed:g}%)")
-    return EXIT_REGRESSION if bad else EXIT_OK
+    return EXIT_REGRESSION if result.failed(args.allow_missing) else EXIT_OK
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -356,7 +338,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from bench.train import CHECKPOINT, EXIT_INTERRUPTED, LOG, Trainer, header_lines, summary_lines
+    from bench.train import EXIT_INTERRUPTED, Trainer, header_lines, summary_lines
 
     command = ["deqbench", *sys.argv[1:]]
     if args.device is not None:
@@ -375,14 +357,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         config = train_config_from_args(args)
         from bench.runner import default_train_dir
+        from bench.train.checkpoint import check_new_run_dir
         from models import model_spec
 
         with user_errors():
             model_spec(config.model)  # an unknown name fails here, listing the valid ones
         out = Path(args.out) if args.out else default_train_dir(config.model)
-        if (out / CHECKPOINT).exists() or (out / LOG).exists():
-            raise RunDirError(f"{out} already holds a training run; use --resume to continue it "
-                              "or choose another --out")
+        check_new_run_dir(out)
         check_writable_dir(out)
         with user_errors():  # a config field the model does not take, a corpus that is not there
             trainer = Trainer(config, out, progress=not args.no_progress, command=command)
@@ -453,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", required=True)
     p.add_argument("--tol-memory", default="5%", help="memory growth allowed (default 5%%)")
     p.add_argument("--tol-speed", default="30%", help="slowdown allowed (default 30%%; timings drift)")
+    p.add_argument("--allow-missing", action="store_true", help="pass although baseline cases are "
+                   "missing from the run (checking a subset); they fail the check otherwise")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser(
@@ -479,8 +462,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    empty = [k for k, v in vars(args).items() if isinstance(v, str) and not v.strip()]
+    if empty:  # `--out "$DIR"` with DIR unset must not quietly mean the default
+        name = empty[0] if empty[0] == "run_dir" else "--" + empty[0].replace("_", "-")
+        print(f"deqbench: error: argument {name} is empty (see deqbench {args.command} --help)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         return args.func(args)
     except UserError as err:
+        print(f"deqbench: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # a full disk, a read-only folder: one line; anything else is a bug
+        user = os_error(err)
+        if user is None:
+            raise
+        print(f"deqbench: error: {user}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ValueError as err:
+        from models.registry import PluginError  # only now: it imports torch
+
+        if not isinstance(err, PluginError):
+            raise
         print(f"deqbench: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

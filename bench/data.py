@@ -112,8 +112,9 @@ class SyntheticSource:
     eval_tokens: int = 20_000
 
     def __post_init__(self) -> None:
-        if self.vocab < 2 or self.order < 1 or self.alpha <= 0 or self.tokens < 2 or self.eval_tokens < 2:
-            raise CorpusError("synthetic corpus needs vocab >= 2, order >= 1, alpha > 0, tokens >= 2 "
+        if (self.vocab < 2 or self.order < 1 or not 0 < self.alpha < math.inf or self.tokens < 2
+                or self.eval_tokens < 2):
+            raise CorpusError("synthetic corpus needs vocab >= 2, order >= 1, alpha > 0 (finite), tokens >= 2 "
                               f"and eval_tokens >= 2, got {self}")
         if self.vocab**self.order > MAX_CONTEXTS:  # the stationary solve is dense in contexts
             raise CorpusError(f"synthetic corpus: vocab**order = {self.vocab**self.order} contexts "

@@ -7,6 +7,8 @@ that.
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(ValueError):
     """Bad input: an unknown name, a bad value, an unreadable or unwritable path. The message is
@@ -31,3 +33,22 @@ class BaselineError(UserError):
 
 class RunDirError(UserError):
     """A run directory that cannot be used (nothing to resume, already holds a run, not writable)."""
+
+
+# OSErrors a user fixes by freeing space or choosing another place: errno -> how to fix it.
+_NO_SPACE = "free some space and run the command again"
+_NO_ACCESS = "choose a directory you can write to (or fix its permissions)"
+_IN_THE_WAY = "move it out of the way or choose another directory"
+FIXABLE_OS_ERRORS = {errno.ENOSPC: _NO_SPACE, errno.EDQUOT: _NO_SPACE, errno.EROFS: _NO_ACCESS,
+                     errno.EACCES: _NO_ACCESS, errno.EPERM: _NO_ACCESS, errno.EEXIST: _IN_THE_WAY,
+                     errno.EISDIR: _IN_THE_WAY, errno.ENOTDIR: _IN_THE_WAY}
+
+
+def os_error(err: OSError) -> UserError | None:
+    """The one line for an OSError the user can fix (a full disk, a read-only or forbidden path),
+    naming the file; None for any other OSError (a bug, not an input)."""
+    fix = FIXABLE_OS_ERRORS.get(err.errno)  # type: ignore[arg-type]
+    if fix is None:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return RunDirError(f"cannot write {where}{err.strerror or errno.errorcode[err.errno]}; {fix}")

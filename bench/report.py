@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from bench import plots
-from bench.analysis import SOURCE_LABELS, RunView
+from bench.analysis import SOURCE_LABELS, RunView, unconverged
+from bench.errors import RunDirError
 from bench.format import (
     format_bytes,
     format_count,
@@ -32,6 +33,7 @@ from bench.plots.style import VARIANT_COLORS
 from bench.results import OK_STATUSES, number
 
 REPORT = "report.md"
+CUT = "†"  # beside a number of a DEQ whose solve did not converge
 KIND_WORDS = {"untied": "untied, L distinct layers", "tied": "weight-tied, one layer unrolled L times",
               "ckpt": "weight-tied with activation checkpointing", "hf": "HF GPT-2"}
 
@@ -41,10 +43,28 @@ def write_report(run_dir: str | Path) -> Path:
     results.csv, else drawn again. Returns the report's path."""
     run_dir = Path(run_dir)
     run = RunView.load(run_dir)
-    figures = plots.load_index(run_dir) or plots.plot_run(run)
     path = run_dir / REPORT
+    if path.is_dir():  # before drawing anything
+        raise RunDirError(f"{path} is a directory; move it out of the way, then run `deqbench report` again")
+    figures = plots.load_index(run_dir) or plots.plot_run(run)
     path.write_text(render(run, figures))
     return path
+
+
+def write_outputs(run_dir: Path) -> list[str]:
+    """Figures and report.md at the end of `deqbench run`; never raises. A figure that fails is
+    skipped with its reason inside plot_run; any other failure is a warning line and the run
+    still ends with 0: the measurements are on disk, and `deqbench report` redraws them."""
+    from bench.errors import os_error
+
+    try:
+        figures = plots.plot_run(run_dir)
+        write_report(run_dir)
+    except Exception as err:  # outputs never turn a finished measurement into a failed run
+        why = os_error(err) if isinstance(err, OSError) else None
+        return [f"figures/report not written ({why or f'{type(err).__name__}: {err}'}); the "
+                f"results are in {run_dir}; retry with `deqbench report {run_dir}`"]
+    return [f"figure {name}: {why}" for name, why in figures.skipped.items() if why.startswith("failed")]
 
 
 def render(run: RunView, figures: plots.Figures) -> str:
@@ -130,12 +150,13 @@ def pair_tables(run: RunView, p: pd.DataFrame) -> list[str]:
         table = []
         for r in rows.itertuples():
             ok = r.baseline_status in OK_STATUSES
+            cut = CUT if number(getattr(r, "deq_converged", None)) == 0 else ""  # a truncated solve
             table.append((
                 r.phase, f"{r.seq_len:.0f}", f"{r.batch:.0f}", r.baseline_model,
                 "—" if number(r.depth) is None else f"{r.depth:.0f}",
                 format_bytes(number(r.deq_peak_bytes)),
                 format_bytes(number(r.baseline_peak_bytes)) if ok else r.baseline_status,
-                format_pct(number(r.reduction)), format_ratio(r.slowdown),
+                format_pct(number(r.reduction)) + cut, format_ratio(r.slowdown) + cut,
                 format_nfe(r.nfe_forward, r.nfe_backward if r.phase != "eval" else None),
                 format_count(r.deq_params_nonembed), format_count(r.baseline_params_nonembed),
                 r.memory_source if isinstance(r.memory_source, str) else "—",
@@ -145,6 +166,10 @@ def pair_tables(run: RunView, p: pd.DataFrame) -> list[str]:
                           if isinstance(s, str)})
         out += ["", f"DEQ solver/backward: {', '.join(solvers) or '—'}; params = non-embedding "
                 "parameters; NFE = the DEQ's function evaluations, forward/backward.", ""]
+        if "deq_converged" in rows and (rows["deq_converged"] == 0).any():
+            out += [f"{CUT} the DEQ's solve did not converge (it stopped above its tolerance): its "
+                    "memory and time are of a truncated solve, not of an equilibrium; see "
+                    "\"Solves that did not converge\" below.", ""]
     for lack in (run.lacks("step_s_median"), run.lacks("nfe_forward", "nfe_backward")):
         if lack:
             out += [f"Note: {lack}; shown as —.", ""]
@@ -219,11 +244,18 @@ def figure_section(figures: plots.Figures) -> list[str]:
 
 def failures(df: pd.DataFrame) -> list[str]:
     bad = df[df["status"] != "ok"]
-    if bad.empty:
-        return ["Every case finished ok."]
-    rows = [(r.status, f"`{r.case_id}`", r.error if isinstance(r.error, str) else "—")
-            for r in bad.itertuples()]
-    return md_table(["status", "case", "error"], rows)
+    out = ["Every case finished ok."] if bad.empty else md_table(
+        ["status", "case", "error"],
+        [(r.status, f"`{r.case_id}`", r.error if isinstance(r.error, str) else "—") for r in bad.itertuples()])
+    cut = unconverged(df)
+    if not cut.empty:
+        out += ["", "### Solves that did not converge", "",
+                f"{len(cut)} case(s) kept their numbers although a solve stopped above its "
+                "tolerance (`converged` = 0): they measure a truncated solve. Raise `max_iter` "
+                "(or the tolerance) to measure the equilibrium.", "",
+                *md_table(["status", "case", "solve"], [(r.status, f"`{r.case_id}`", r.error or "—")
+                                                        for r in cut.itertuples()])]
+    return out
 
 
 # -- the 88% paragraph --------------------------------------------------------------------------
@@ -252,6 +284,10 @@ def claim_paragraph(p: pd.DataFrame, paper: pd.DataFrame | None = None,
                         key=lambda kv: (kv[0][0], order.get(kv[0][1], 99)))
         for (family, kind), g in groups:
             sentences.append(_kind_sentence(family, kind, g))
+    cut = int((measured["deq_converged"] == 0).sum()) if "deq_converged" in measured else 0
+    if cut:
+        sentences.append(f"In {cut} of these pairs the DEQ's solve did not converge ({CUT} in the "
+                         "tables): their savings are of a truncated solve.")
     workspace = _workspace_sentence(df) if df is not None and not measured.empty else None
     if workspace:
         sentences.append(workspace)

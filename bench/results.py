@@ -77,10 +77,14 @@ SCHEMA: tuple[Column, ...] = (
     Column("predicted_cuda_bytes", "int",
            "predicted_bytes with every storage rounded up to 512 B, as CUDA's caching allocator "
            "hands them out: what torch_cuda's max_memory_allocated would say"),
+    Column("converged", "int",
+           "1: every solve of the measured step (forward, implicit backward) reached its "
+           "tolerance; 0: one stopped above it (max_iter, or diverged), so the row's numbers are "
+           "of a truncated solve; empty: no solve (explicit models, fake tensors)"),
 )
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 # Columns added after the first layout: a results.csv written before them is complete without.
-LATER_COLUMNS = ("predicted_cuda_bytes",)
+LATER_COLUMNS = ("predicted_cuda_bytes", "converged")
 KINDS: dict[str, str] = {c.name: c.kind for c in SCHEMA}
 CASE_COLUMNS = COLUMNS[: COLUMNS.index("phase") + 1]
 TEXT_KINDS = ("text", "json")

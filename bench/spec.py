@@ -48,7 +48,8 @@ AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", 
 KEYS = (*AXES, "config")  # config: model config overrides, the same for every case of a sweep
 PHASES = ("train", "eval", "fit")
 MODES = ("core", "lm")
-DTYPES = ("float32", "float64", "bfloat16", "float16")  # bench.measure.workload.DTYPES' names
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+MAX_THREADS = 1024  # torch intra-op threads: a typo like 1000000 would start that many threads  # bench.measure.workload.DTYPES' names
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,8 +153,8 @@ class RunSettings:
         for key, low in (("warmup", 0), ("repeats", 1), ("seed", 0)):
             if not _is_int(getattr(self, key)) or getattr(self, key) < low:
                 raise bad(key, "a positive integer" if low else "a non-negative integer")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
-            raise bad("threads", "a positive integer")
+        if self.threads is not None and (not _is_int(self.threads) or not 1 <= self.threads <= MAX_THREADS):
+            raise bad("threads", f"a positive integer up to {MAX_THREADS}")
         for key, kind in (("timeout_s", "number"), ("fit_steps", "integer"),
                           ("fit_seconds", "number"), ("fit_lr", "number")):
             value = getattr(self, key)
@@ -186,6 +187,34 @@ class RunSettings:
                 raise SpecError(f"[settings] fit_data: {err}") from None
 
 
+def instrument_list(text: str | None, device: str, settings: RunSettings) -> tuple[str, ...]:
+    """The instruments of a run: `--instruments` (comma-separated), else the matrix's
+    [settings] instruments, else () for all the device allows. Every name is known and given
+    once, and each one asked for by name runs on the device: a number asked for that cannot
+    exist is bad input, not an empty column."""
+    import torch
+
+    from bench.measure import check_instrument, make_instrument
+
+    names = list(settings.instruments)
+    if text is not None:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if not names or twice:
+            raise SpecError(f"--instruments names {', '.join(twice) + ' twice' if twice else 'no instrument'}; "
+                            "give a comma-separated list, e.g. tracked,timing")
+        try:
+            names = [check_instrument(n) for n in names]
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+    for name in names:
+        ok, why = make_instrument(name).available(torch.device(device))
+        if not ok:
+            raise SpecError(f"instrument {name} cannot run on {device} ({why}); drop it from "
+                            "--instruments / [settings] instruments, or run on a device that has it")
+    return tuple(names)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -202,6 +231,20 @@ class Matrix:
     settings: RunSettings = field(default_factory=RunSettings)
     source: str = ""
     notes: tuple[str, ...] = ()  # e.g. family x variant combinations that do not exist
+
+
+def catalog() -> dict[str, Any]:
+    """Every name a matrix can use (`deqbench list`): models with their family, variant and
+    sizes; presets with their case counts; solvers, backward modes, instruments."""
+    from bench.measure import list_instruments
+    from models import BACKWARDS, SOLVERS, list_models, model_spec
+
+    models = {name: {"family": (s := model_spec(name)).family, "variant": s.variant,
+                     "sizes": list(s.sizes), "description": s.description} for name in list_models()}
+    presets = {name: {"description": (m := load_preset(name)).description, "cases": len(m.cases)}
+               for name in list_presets()}
+    return {"models": models, "presets": presets, "solvers": sorted(SOLVERS),
+            "backwards": sorted(BACKWARDS), "instruments": list_instruments()}
 
 
 def list_presets() -> list[str]:
@@ -221,6 +264,9 @@ def load_matrix(path: str | Path) -> Matrix:
         text = path.read_text()
     except OSError as err:
         raise SpecError(f"cannot read matrix file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"matrix file {path} is not UTF-8 text ({err.reason} at byte {err.start}): "
+                        "a matrix is a TOML file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
@@ -234,15 +280,19 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     settings = _settings(data.get("settings", {}), where)
     defaults = data.get("defaults", {})
     _no_unknown(defaults, KEYS, f"{where} [defaults]")
+    _config_table(defaults, f"{where} [defaults]")
     sweeps = data.get("sweep", [])
     if isinstance(sweeps, Mapping):
         sweeps = [sweeps]
+    if not isinstance(sweeps, list) or not all(isinstance(s, Mapping) for s in sweeps):
+        raise SpecError(f"{where}: [[sweep]] must be tables of axes, got {sweeps!r}")
     if not sweeps:
         raise SpecError(f"{where} has no [[sweep]] table: nothing to run")
     cases: list[Case] = []
     notes: list[str] = []
     for i, sweep in enumerate(sweeps):
         _no_unknown(sweep, KEYS, f"{where} [[sweep]] #{i + 1}")
+        _config_table(sweep, f"{where} [[sweep]] #{i + 1}")
         axes = {**defaults, **sweep, "config": {**defaults.get("config", {}), **sweep.get("config", {})}}
         cases += _expand(axes, settings, f"{where} [[sweep]] #{i + 1}", notes)
     unique = tuple(dict.fromkeys(cases))  # keep order, drop repeats across sweeps
@@ -252,6 +302,20 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
         name=str(data.get("name", default_name)), description=str(data.get("description", "")),
         cases=unique, settings=settings, source=source, notes=tuple(dict.fromkeys(notes)),
     )
+
+
+CONFIG_AXES = ("depth", "solver", "backward")  # model config fields that are axes of a case
+
+
+def _config_table(table: Mapping[str, Any], where: str) -> None:
+    config = table.get("config", {})
+    if not isinstance(config, Mapping):
+        raise SpecError(f"{where}: config must be a table of model config fields, e.g. "
+                        f"config = {{ max_iter = 30 }}; got {config!r}")
+    axis = next((k for k in CONFIG_AXES if k in config), None)
+    if axis:  # the axis would silently win over it (and the case id would say otherwise)
+        raise SpecError(f"{where}: config: {axis} is an axis of the matrix: give {axis} = "
+                        f"{config[axis]!r} in the sweep (or [defaults]), not in config")
 
 
 def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
@@ -270,14 +334,12 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
     from models import BACKWARDS, SOLVERS, make_config, model_spec
 
     models = _models_for(axes, where, notes)
-    config = axes.get("config", {})
-    if not isinstance(config, Mapping):
-        raise SpecError(f"{where}: config must be a table of model config fields")
+    config = axes.get("config", {})  # a table: parse_matrix checked it
     lists = {k: _as_list(v) for k, v in axes.items() if k not in ("family", "variant", "model", "config")}
     for key in ("seq_len", "batch", "depth"):
         for v in lists.get(key, []):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise SpecError(f"{where}: {key} must be positive integers, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**31:
+                raise SpecError(f"{where}: {key} must be positive integers below 2**31, got {v!r}")
     for key in ("seq_len", "batch"):
         if not lists.get(key):
             raise SpecError(f"{where}: no {key} given (set it in [defaults] or the sweep)")

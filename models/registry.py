@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,15 +54,30 @@ FAMILY_MODULES: list[str] = [
 _loaded = False
 
 
+class PluginError(ValueError):
+    """A module named in $DEQBENCH_PLUGINS that cannot be imported (the message is one line)."""
+
+
 def _load_families() -> None:
     """Import the built-in families, then any plugin modules named (comma-separated) in
-    $DEQBENCH_PLUGINS: a user's own models register the same way and reach worker processes."""
+    $DEQBENCH_PLUGINS: a user's own models register the same way and reach worker processes.
+    A plugin that cannot be imported raises PluginError on this and every later use."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        plugins = [m.strip() for m in os.environ.get("DEQBENCH_PLUGINS", "").split(",") if m.strip()]
-        for module in [*FAMILY_MODULES, *plugins]:
+    if _loaded:
+        return
+    _loaded = True  # first: a family module may use the registry while it registers
+    for module in FAMILY_MODULES:
+        importlib.import_module(module)
+    plugins = [m.strip() for m in os.environ.get("DEQBENCH_PLUGINS", "").split(",") if m.strip()]
+    for module in plugins:
+        try:
             importlib.import_module(module)
+        except Exception as err:  # whatever a user's module raises: its name and first line
+            _loaded = False
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise PluginError(f"cannot import plugin module {module!r} named in DEQBENCH_PLUGINS "
+                              f"({type(err).__name__}: {first}); fix the module or the name, or "
+                              "unset DEQBENCH_PLUGINS") from None
 
 
 def register_model(spec: ModelSpec) -> ModelSpec:
@@ -102,8 +118,16 @@ def make_config(name: str, size: str = "debug", *, depth: int | None = None, **o
         )
     values = {**spec.sizes[size], **overrides}
     for key in overrides:
-        _check_type(name, key, values[key], fields[key])
-    return spec.config(**values)
+        _check_value(name, key, values[key], fields[key])
+    config = spec.config(**values)
+    from models.deq import DEQ, DEQSettings
+
+    if isinstance(config, DEQSettings):  # solver names, caps, tau: checked by the engine itself
+        try:
+            DEQ.from_config(config)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    return config
 
 
 def build_model(
@@ -124,13 +148,26 @@ def build_model(
     return model
 
 
-def _check_type(model: str, key: str, value: Any, field: dataclasses.Field) -> None:
-    expected = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+def _check_value(model: str, key: str, value: Any, field: dataclasses.Field) -> None:
+    """One generic check of an override, so a value that cannot work fails here, by name, and
+    not in a worker: the declared type; numbers finite; an int field is a size or count, >= 1
+    unless its default is 0 (mem_len = 0: no memory); a float >= 0; a field named *drop* is a
+    probability in [0, 1). `field(metadata={"min": m})` sets another lower bound."""
+    expected = field.type if isinstance(field.type, str) else (
+        getattr(field.type, "__name__", None) or str(field.type))  # `int | None` has no __name__
     checks = {"int": int, "float": (int, float), "bool": bool, "str": str}
     kind = checks.get(expected.split("|")[0].strip())
     if kind is None or (value is None and "None" in expected):
         return
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ValueError(f"{model}.{key} must be {expected}, got {value!r}")
-    if kind in (int, (int, float)) and not isinstance(value, bool) and value < 0:
-        raise ValueError(f"{model}.{key} must not be negative, got {value!r}")
+    if kind in (bool, str):
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"{model}.{key} must be a finite number, got {value!r}")
+    low = field.metadata.get("min", 1 if kind is int and field.default != 0 else 0)
+    if value < low:
+        raise ValueError(f"{model}.{key} must be >= {low}, got {value!r}"
+                         + (" (it cannot be negative)" if low == 0 else ""))
+    if "drop" in key and kind is not int and not value < 1:
+        raise ValueError(f"{model}.{key} must be in [0, 1) (a probability), got {value!r}")

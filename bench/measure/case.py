@@ -43,4 +43,6 @@ def case_row(result: dict[str, Any], device: str) -> dict[str, Any]:
         row["solver_trace"] = json.dumps(result["solver_trace"])
     if row["status"] == "diverged":
         row["error"] = "solver diverged (NaN/Inf or a growing residual); numbers kept"
+    elif result.get("solver_note"):  # ok numbers of a solve that stopped above its tolerance
+        row["error"] = result["solver_note"]
     return row

@@ -182,7 +182,21 @@ def _solver_columns(stats: ModelStats | None) -> dict[str, Any]:
         "residual_forward": finite(stats.residual_forward),
         "residual_backward": finite(stats.residual_backward),
         "solver_trace": solver_trace(stats),
+        **convergence(stats),
     }
+
+
+def convergence(stats: ModelStats) -> dict[str, Any]:
+    """`converged` (1 / 0, None without a real solve) and, for a solve that stopped above its
+    tolerance, `solver_note` saying which, where and why (the row's `error` beside ok numbers)."""
+    solves = [(d, s) for d, s in (("forward", stats.forward), ("backward", stats.backward))
+              if s is not None and math.isfinite(s.residual)]  # a fake solve has no residual
+    if not solves:
+        return {"converged": None}
+    cut = [f"{d} solve did not converge: residual {s.residual:.3g} > tol {s.tol:g} ({s.stop_mode}) "
+           f"after {s.nfe} NFE ({s.status})" for d, s in solves if not s.converged]
+    note = "; ".join(cut) + "; numbers are of a truncated solve" if cut else None
+    return {"converged": int(not cut), "solver_note": note}
 
 
 def solver_trace(stats: ModelStats) -> dict[str, Any] | None:

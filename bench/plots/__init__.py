@@ -74,6 +74,7 @@ def plot_run(run_dir: str | Path | RunView, only: Iterable[str] | None = None,
     assert run.dir is not None, "figures are drawn into a run directory"
     plt = pyplot()
     out = run.dir / FIGURE_DIR
+    made_dir = not out.exists()
     out.mkdir(exist_ok=True)
     figures = Figures(results_sha256=results_hash(run.dir))
     if run.missing:
@@ -96,10 +97,17 @@ def plot_run(run_dir: str | Path | RunView, only: Iterable[str] | None = None,
             _remove_stale(out, name)
             continue
         files = []
-        for ext in formats:
-            path = out / f"{name}.{ext}"
-            fig.savefig(path, dpi=DPI, bbox_inches="tight")
-            files.append(str(path.relative_to(run.dir)))
+        try:
+            for ext in formats:
+                path = out / f"{name}.{ext}"
+                fig.savefig(path, dpi=DPI, bbox_inches="tight")
+                files.append(str(path.relative_to(run.dir)))
+        except OSError:  # a full disk: no half-written figure, no figures/ made for nothing
+            plt.close("all")
+            _remove_stale(out, name)
+            if made_dir and not any(out.iterdir()):
+                out.rmdir()
+            raise
         plt.close(fig)
         figures.made.append(Figure(name, caption, files))
         figures.notes.extend(notes)

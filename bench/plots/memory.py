@@ -69,8 +69,14 @@ def _memory_vs(run: RunView, x: str) -> tuple[Any, str, list[str]]:
         for j, family in enumerate(families):
             ax = axes[i, j]
             rows = df[(df["family"] == family) & (df["phase"] == phase)]
-            _memory_panel(ax, rows, x, other, xs, slope=phase == "train")
             ax.set_title(f"{family}, {phase}")
+            if rows.empty:  # another family has this phase; this one was not run in it
+                ax.text(0.5, 0.5, f"no {family} case\nin this phase", transform=ax.transAxes,
+                        ha="center", va="center", color="grey")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                continue
+            _memory_panel(ax, rows, x, other, xs, slope=phase == "train")
             ax.set_xlabel("sequence length T" if x == "seq_len" else "explicit depth L (layers)")
             ax.set_ylabel(f"peak memory\n{source_label(rows)}" if j == 0 else "")
     figure_legend(fig, axes)

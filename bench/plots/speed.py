@@ -54,6 +54,9 @@ def speed(run: RunView) -> tuple[Any, str, list[str]]:
             ax = axes[i, j]
             rows = df[(df["family"] == family) & (df["phase"] == phase)]
             ax.set_title(f"{family}, {phase}: throughput")
+            if rows.empty:  # another family has this phase; this one was not timed in it
+                _empty(ax, f"no timed {family} case\nin this phase")
+                continue
             if bars:  # no model at two shapes: one bar per case
                 _speed_bars(ax, rows)
                 continue
@@ -73,6 +76,12 @@ def speed(run: RunView) -> tuple[Any, str, list[str]]:
     if p.empty:
         caption = "Throughput (median of the timed steps) of every timed case."
     return fig, caption, notes
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _speed_bars(ax, rows: pd.DataFrame) -> None:
@@ -136,7 +145,7 @@ def _slowdown_panel(ax, p: pd.DataFrame, family: str) -> None:
     ax.set_xlabel("DEQ evaluations of f per explicit layer pass\n(train: (NFE fwd + bwd) / 2L; eval: NFE fwd / L)")
     ax.set_ylabel("slowdown (×)")
     if p.empty:
-        ax.text(0.5, 0.5, "no timed DEQ-baseline pair", transform=ax.transAxes, ha="center")
+        _empty(ax, "no timed DEQ-baseline pair")
         return
     train = p["phase"] == "train"
     evals = p["nfe_forward"] + p["nfe_backward"].where(train, 0).fillna(0)

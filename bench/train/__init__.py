@@ -18,10 +18,12 @@ The recipe is the same for every model, so DEQs and their baselines compare at a
 - `train.json`: the configuration, corpus, final perplexities, throughput, peak memory, threads,
   status, environment and command.
 - `checkpoint.pt` (bench.train.checkpoint): resuming continues the exact loss curve of an
-  uninterrupted run with the same seed.
+  uninterrupted run with the same seed. One is written before the first step and then every
+  `checkpoint_seconds` (and `checkpoint_every` steps, at validations, at the end), so a run
+  killed at any point resumes.
 
-Modules: `config` (TrainConfig, the schedule), `loop` (Trainer), `checkpoint`, `fit` (the
-runner's fit cases), `summary` (what the command prints).
+Modules: `config` (TrainConfig, the schedule), `loop` (Trainer), `records` (a log row's sums,
+the outcome), `checkpoint`, `fit` (the runner's fit cases), `summary` (what the command prints).
 """
 
 import importlib
@@ -33,7 +35,7 @@ EXIT_INTERRUPTED = 130  # the shell's code for a SIGINT; the checkpoint is saved
 _EXPORTS = {
     "CHECKPOINT": "checkpoint", "TrainConfig": "config", "lr_factor": "config",
     "CURVE_COLUMNS": "fit", "fit_case": "fit", "fit_config": "fit",
-    "LOG": "loop", "LOG_COLUMNS": "loop", "SUMMARY": "loop", "Outcome": "loop", "Trainer": "loop",
+    "LOG": "loop", "LOG_COLUMNS": "loop", "SUMMARY": "loop", "Outcome": "records", "Trainer": "loop",
     "header_lines": "summary", "summary_lines": "summary",
 }
 __all__ = ["EXIT_INTERRUPTED", *_EXPORTS]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from bench.data import Corpus
-from bench.errors import CheckpointError
+from bench.errors import CheckpointError, RunDirError
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 2  # 2: log-row sums keep step times, not their total
@@ -29,10 +29,30 @@ def write_checkpoint(out: Path, state: dict[str, Any]) -> None:
     tmp.replace(out / CHECKPOINT)
 
 
+LOG = "train_log.csv"  # bench.train.loop's log: a run started in this directory
+
+
+def _log_only(out: Path) -> str:
+    return (f"{out} holds {LOG} but no {CHECKPOINT} (a run killed before its first checkpoint, "
+            f"or by an older deq-bench): nothing to resume from; delete it to start again, or "
+            "choose another --out")
+
+
+def check_new_run_dir(out: Path) -> None:
+    """A fresh training run may start in `out`: it holds no run (RunDirError says what to do)."""
+    if (out / CHECKPOINT).exists():
+        raise RunDirError(f"{out} already holds a training run; use --resume to continue it or "
+                          "choose another --out")
+    if (out / LOG).exists():
+        raise RunDirError(_log_only(out))
+
+
 def load_checkpoint(out: Path) -> dict[str, Any]:
     """The checkpoint in `out`; CheckpointError (one line) when it is missing or unreadable."""
     path = Path(out) / CHECKPOINT
     if not path.is_file():
+        if (Path(out) / LOG).is_file():
+            raise CheckpointError(_log_only(Path(out)))
         raise CheckpointError(f"nothing to resume: {path} does not exist")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")

@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bench.data import Splits
+from bench.errors import CorpusError
+from bench.spec import MAX_THREADS
 
 if TYPE_CHECKING:
+    from bench.data import Corpus
     from bench.measure.workload import Workload
 
 
@@ -52,6 +55,10 @@ class TrainConfig:
     eval_every: int = option(0, "validate every N steps; 0 = at the end only")
     log_every: int = option(10, "steps per train_log.csv row")
     checkpoint_every: int = option(0, "steps between checkpoints; 0 = at validations and the end")
+    # Besides those, one before the first step and one every checkpoint_seconds: a run killed
+    # at any moment (SIGKILL, a lost machine) resumes, losing at most that much training.
+    checkpoint_seconds: float = option(60.0, "also checkpoint when this many seconds passed since "
+                                       "the last one (and before the first step); 0 = off")
     seed: int = option(0, "seed of initialisation and dropout")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # On a CPU one thread by default: debug-sized steps gain nothing from more, and on shared
@@ -60,6 +67,12 @@ class TrainConfig:
                                  "default on CUDA)")
 
     def __post_init__(self) -> None:
+        for key, value in self.overrides:  # fields the run sets itself would be overridden
+            if key == "vocab_size":
+                raise ValueError("vocab_size comes from the corpus; drop --set vocab_size (a "
+                                 "directory's vocabulary: --max-vocab; synthetic: synthetic:vocab=N)")
+            if key == "depth":
+                raise ValueError(f"depth is an option of its own: use --depth {value}, not --set depth={value}")
         for name in ("steps", "batch", "seq_len", "log_every"):
             _check_int(name, getattr(self, name), low=1)
         for name in ("warmup", "eval_every", "checkpoint_every", "seed"):
@@ -68,11 +81,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value, low=0 if name == "pretrain_steps" else 1)
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise ValueError(f"threads must be <= {MAX_THREADS}, got {self.threads}")
         if self.max_seconds is not None and not (_finite(self.max_seconds) and self.max_seconds > 0):
             raise ValueError(f"max_seconds must be positive and finite, got {self.max_seconds}")
         if not (_finite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        for name in ("clip", "weight_decay"):
+        for name in ("clip", "weight_decay", "checkpoint_seconds"):
             value = getattr(self, name)
             if not (_finite(value) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative finite number, got {value}")
@@ -80,6 +95,22 @@ class TrainConfig:
     @property
     def splits(self) -> Splits:
         return Splits(self.train_split, self.valid_split, self.test_split)
+
+    def check_corpus(self, corpus: Corpus) -> None:
+        """Every split this run reads is long enough for its batches: a short valid or test
+        split fails here, before the first step, not at the end of training (CorpusError)."""
+        from bench.data import Batches
+
+        for role in ("train", "valid", "test"):
+            stream = corpus.split(role)
+            batch = self.batch if role == "train" else self.eval_batch or self.batch
+            try:
+                if stream is not None:
+                    Batches(stream, batch, self.seq_len)
+            except CorpusError as err:
+                fix = "--batch" if role == "train" else f"--eval-batch, or --{role}-split none"
+                raise CorpusError(f"the {role} split of {corpus.name} is too short: {err}; give a "
+                                  f"smaller --seq-len or {fix}") from None
 
     def workload(self, device: str, vocab_size: int) -> Workload:
         """The training step as a bench workload: lm mode, the corpus's vocabulary."""

@@ -19,7 +19,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from bench.measure.timing import step_statistics
 from bench.measure.workload import Bench
 from bench.results import csv_text
 from bench.train.checkpoint import (
+    LOG,
     corpus_digest,
     load_checkpoint,
     pack_memory,
@@ -41,66 +41,13 @@ from bench.train.checkpoint import (
     write_checkpoint,
 )
 from bench.train.config import TrainConfig, lr_factor
+from bench.train.records import Outcome, Sums, exp
 
-LOG, SUMMARY = "train_log.csv", "train.json"
+SUMMARY = "train.json"
 LOG_COLUMNS = ("step", "epoch", "lr", "loss", "ppl", "grad_norm", "tokens_per_s", "elapsed_s",
                "pretrain", "nfe_forward", "nfe_backward", "residual_forward", "residual_backward",
                "peak_bytes", "memory_source", "valid_loss", "valid_ppl")
 SOLVER_STATS = ("nfe_forward", "nfe_backward", "residual_forward", "residual_backward")
-
-
-@dataclass
-class Sums:
-    """Running sums over the steps of the current log row (saved in checkpoints)."""
-
-    steps: int = 0
-    loss: float = 0.0
-    grad_norm: float = 0.0
-    tokens: int = 0
-    times: list[float] = field(default_factory=list)  # seconds of the untracked steps
-    stats: dict[str, list[float]] = field(default_factory=dict)
-    peak_bytes: int | None = None
-
-    def add_stat(self, name: str, value: float | None) -> None:
-        if value is not None and math.isfinite(value):
-            self.stats.setdefault(name, []).append(float(value))
-
-    def mean(self, name: str) -> float | None:
-        values = self.stats.get(name)
-        return sum(values) / len(values) if values else None
-
-
-@dataclass
-class Outcome:
-    """What a finished (or stopped) run measured."""
-
-    status: str  # ok | diverged | interrupted
-    steps: int
-    train_s: float
-    train_loss: float | None
-    valid_ppl: float | None
-    test_ppl: float | None
-    optimal_ppl: float | None
-    unigram_ppl: float | None
-    tokens_per_s: float | None
-    step_s_median: float | None
-    step_s_iqr: float | None
-    peak_bytes: int | None
-    memory_source: str | None
-    memory_steps: list[int]  # tracked: the sampled steps; torch_cuda: the log rows' last steps
-    nfe_forward: float | None
-    nfe_backward: float | None
-    residual_forward: float | None
-    residual_backward: float | None
-    params: int
-    params_nonembed: int
-    threads: int  # torch intra-op threads the steps ran with
-    curve: list[dict[str, Any]]  # the train_log.csv rows
-
-
-def exp(x: float) -> float:
-    """Perplexity of a mean cross-entropy, without overflow."""
-    return math.exp(min(x, 700.0))
 
 
 class Trainer:
@@ -123,6 +70,7 @@ class Trainer:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         self.corpus = corpus if corpus is not None else load_corpus(c.data, c.splits, max_vocab=c.max_vocab)
+        c.check_corpus(self.corpus)
         self.bench = Bench(c.workload(str(self.device), self.corpus.vocab_size), lr=c.lr,
                            weight_decay=c.weight_decay, clip=c.clip, grad_norm=True, keep_loss=True)
         self.model = self.bench.model
@@ -145,6 +93,7 @@ class Trainer:
         self.solving_since: int | None = None  # first step that solved (DEQs after pretraining)
         self.status = "ok"
         self._stop = False
+        self._saved_at = _now()  # when the last checkpoint was written (checkpoint_seconds)
         self._cuda_window: TorchCudaMemory | None = None  # torch_cuda over this log row's steps
         on_cuda = self.device.type == "cuda"
         wanted = memory_instruments if memory_instruments is not None else ("torch_cuda", "tracked")
@@ -202,6 +151,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.out is not None:
             write_checkpoint(self.out, self.state())
+            self._saved_at = _now()
 
     def _truncate_log(self) -> None:
         """Drop log rows written after the checkpoint (a run killed between checkpoints)."""
@@ -245,6 +195,8 @@ class Trainer:
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         bar = self._bar()
+        if self.step == 0:  # a run killed before any other checkpoint still resumes
+            self.save_checkpoint()
         with _stop_on_sigint(self.request_stop):
             while self._budget_left() and self.status != "diverged":
                 if self._stop or (until is not None and self.step >= until):
@@ -259,7 +211,8 @@ class Trainer:
                 if self.step % c.log_every == 0 or last or evaluate:
                     self._log_row(validate=evaluate or (last and self.status == "ok"))
                 checkpoint_now = (c.checkpoint_every and self.step % c.checkpoint_every == 0) or (
-                    not c.checkpoint_every and evaluate)
+                    not c.checkpoint_every and evaluate) or (
+                    c.checkpoint_seconds and _now() - self._saved_at >= c.checkpoint_seconds)
                 if checkpoint_now and not last:
                     self.save_checkpoint()
         if bar is not None:
@@ -466,6 +419,10 @@ class Trainer:
             "env": capture(str(self.device), self.command),
         }
         write_json(self.out / SUMMARY, summary)
+
+
+def _now() -> float:
+    return time.monotonic()
 
 
 def _sync(device: torch.device) -> None:

@@ -104,3 +104,32 @@ def test_end_to_end_on_a_real_run(tmp_path, capsys):
     (tmp_path / "gpu.json").write_text(json.dumps(gpu))
     assert main(["check", str(run), "--baseline", str(tmp_path / "gpu.json")]) == 2
     assert "nvidia-h100-80gb-hbm3" in capsys.readouterr().err
+
+
+# -- a check that compared nothing is not a pass --------------------------------------------------
+OTHER = [{**ROWS[0], "case_id": "other/T8"}]
+
+
+def test_no_shared_case_fails_unless_allowed(tmp_path, capsys):
+    base = tmp_path / "base.json"
+    assert main(["baseline", str(_run(tmp_path, "a", ROWS)), "-o", str(base)]) == 0
+    other = _run(tmp_path, "other", OTHER)
+    capsys.readouterr()
+    assert main(["check", str(other), "--baseline", str(base)]) == 1
+    out = capsys.readouterr().out
+    assert "compared 0 of 2 baseline cases" in out and "2 missing" in out
+    assert main(["check", str(other), "--baseline", str(base), "--allow-missing"]) == 0
+    assert "compared 0 of 2 baseline cases" in capsys.readouterr().out
+
+
+def test_a_partial_run_fails_unless_allowed_and_a_full_one_says_so(tmp_path, capsys):
+    base = tmp_path / "base.json"
+    assert main(["baseline", str(_run(tmp_path, "a", ROWS)), "-o", str(base)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(_run(tmp_path, "full", ROWS)), "--baseline", str(base)]) == 0
+    assert "compared 2 of 2 baseline cases" in capsys.readouterr().out
+    half = _run(tmp_path, "half", ROWS[:1])
+    assert main(["check", str(half), "--baseline", str(base)]) == 1
+    out = capsys.readouterr().out
+    assert "compared 1 of 2 baseline cases" in out and "1 missing" in out and "--allow-missing" in out
+    assert main(["check", str(half), "--baseline", str(base), "--allow-missing"]) == 0

@@ -174,3 +174,33 @@ def test_line_labels_name_the_size_from_series_and_tuples():
     expected = "weight-tied (1 layer x L), L=16 [paper-small]"
     assert line_label(row, "depth", size=True) == expected
     assert line_label(next(pd.DataFrame([row]).itertuples()), "depth", size=True) == expected
+
+
+# The selection of issue 16 item 1: trellisnet eval and train, deq-transformer eval only, so the
+# deq-transformer family has no train panel (and no pair at all).
+EMPTY_PANEL = ("trellisnet/debug/core/eval/T32/B2/L4", "trellisnet/debug/core/train/T32/B2/L4",
+               "deq-transformer/debug/core/eval/T32/B2/broyden/implicit")
+
+
+def test_an_empty_family_phase_panel_draws_and_reports(tmp_path, capsys):
+    run_dir = copy_run("quick", tmp_path / "run")
+    rewrite(run_dir, lambda df: df[df["case_id"].isin(EMPTY_PANEL)])
+    assert main(["plot", str(run_dir)]) == 0
+    assert main(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "failed to draw" not in out, out
+    index = plots.load_index(run_dir)
+    assert "speed" in {f.name for f in index.made}
+    assert not [why for why in index.skipped.values() if why.startswith("failed")], index.skipped
+    report = (run_dir / "report.md").read_text()
+    assert "failed to draw" not in report and "### Speed" in report
+
+
+def test_a_family_missing_a_phase_gets_a_panel_that_says_so(tmp_path):
+    run_dir = copy_run("quick", tmp_path / "run")
+    rewrite(run_dir, lambda df: df[~((df["family"] == "trellisnet") & (df["phase"] == "eval"))])
+    figures = plots.plot_run(run_dir, only=["memory_vs_seq_len", "speed"], formats=("svg",))
+    assert {f.name for f in figures.made} == {"memory_vs_seq_len", "speed"}, figures.skipped
+    for name in ("memory_vs_seq_len", "speed"):
+        svg = (run_dir / "figures" / f"{name}.svg").read_text()
+        assert "trellisnet case" in svg and "in this phase" in svg, name

@@ -52,7 +52,7 @@ def test_missing_family_variant_combination_is_noted(toy_models):
     [
         (matrix(model="nope", depth=2), "unknown model 'nope'; valid: .*toy-deq"),
         (matrix(family="toy", solver="newton"), "unknown solver 'newton'; valid: anderson, broyden"),
-        (matrix(family="toy", depth=0), "depth must be positive integers, got 0"),
+        (matrix(family="toy", depth=0), r"depth must be positive integers below 2\*\*31, got 0"),
         (matrix(family="toy", depth=2, seq_len=-8), "seq_len must be positive"),
         (matrix(family="toy", depth=2, size="huge"), r"unknown size for toy-deq 'huge'; valid: debug, big"),
         (matrix(family="toy", depth=2, phase="infer"), "unknown phase 'infer'; valid: train, eval"),

@@ -7,7 +7,7 @@ import pytest
 
 from bench import cli
 from bench.cli import parse_override
-from bench.train import LOG, TrainConfig, lr_factor
+from bench.train import CHECKPOINT, TrainConfig, lr_factor
 
 
 # -- schedule and config --------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def run_cli(argv: list[str]) -> int:
 
 
 def test_an_existing_run_is_not_overwritten(tmp_path, capsys):
-    (tmp_path / LOG).write_text("step\n")
+    (tmp_path / CHECKPOINT).write_bytes(b"a run")  # a log alone: test_train_loop.py
     assert cli.main(["train", "--model", "deq-transformer", "--out", str(tmp_path)]) == 2
     assert "already holds a training run; use --resume" in capsys.readouterr().err
 

@@ -126,6 +126,62 @@ def test_resume_after_a_kill_drops_rows_logged_after_the_checkpoint(tmp_path):
     assert losses(run) == pytest.approx(losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
 
 
+class Killed(BaseException):
+    """What a SIGKILL looks like from inside: the run ends mid-step, no handler runs."""
+
+
+def kill_at(monkeypatch, step: int) -> None:
+    """Make the training step `step` (1-based) end the process's work as a SIGKILL would."""
+    real = Trainer._train_step
+
+    def step_or_die(self):
+        if self.step + 1 == step:
+            raise Killed
+        real(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", step_or_die)
+
+
+def test_a_run_killed_before_any_checkpoint_resumes_from_its_first_step(tmp_path, monkeypatch):
+    """Default checkpointing (no --checkpoint-every, no evaluation): killed at step 5, the run
+    has a checkpoint from before its first step and continues the exact curve."""
+    config = TrainConfig(**{**TINY_DEQ, "checkpoint_seconds": 3600.0})
+    Trainer(config, tmp_path / "full").run()
+    with monkeypatch.context() as m:
+        kill_at(m, 5)
+        with pytest.raises(Killed):
+            Trainer(config, tmp_path / "killed").run()
+    assert len(read_log(tmp_path / "killed")) == 4  # the log went on; the checkpoint did not
+    resumed = Trainer.resume(tmp_path / "killed")
+    assert resumed.step == 0
+    resumed.run()
+    assert losses(tmp_path / "killed") == pytest.approx(losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
+
+
+def test_checkpoints_on_a_wall_clock_interval_by_default(tmp_path, monkeypatch):
+    assert TrainConfig(model="deq-transformer").checkpoint_seconds > 0  # on unless asked otherwise
+    clock = iter(range(0, 10_000, 10))  # every look at the clock: 10 s later
+    monkeypatch.setattr("bench.train.loop._now", lambda: float(next(clock)))
+    config = TrainConfig(**{**TINY_DEQ, "checkpoint_seconds": 25.0})
+    with monkeypatch.context() as m:
+        kill_at(m, 9)
+        with pytest.raises(Killed):
+            Trainer(config, tmp_path / "run").run()
+    step = Trainer.resume(tmp_path / "run").step
+    assert 3 <= step < 9  # a recent checkpoint, not the one before the first step
+    assert TrainConfig(**{**TINY_DEQ, "checkpoint_seconds": 0.0}).checkpoint_seconds == 0.0
+
+
+def test_a_log_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
+    (tmp_path / LOG).write_text("step\n1\n")
+    for argv in (["--resume"], ["--model", "deq-transformer"]):
+        assert cli.main(["train", *argv, "--out", str(tmp_path), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"{tmp_path} holds {LOG} but no {CHECKPOINT}" in err and "delete it" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOG]
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_curve(tmp_path):
     """The real thing: SIGINT to `deqbench train`, exit 130, `--resume` from the command line."""
     args = ["--model", "deq-transformer", "--set", "dropout=0.1", "--set", "mem_len=8",
@@ -153,6 +209,30 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_curve(tmp_path):
     full.run(until=stopped_at + 3)
     assert losses(run) == pytest.approx(losses(tmp_path / "full"), rel=1e-6, abs=1e-7)
     assert cli.main(["train", "--resume", "--out", str(run), "--steps", "5"]) == 2
+
+
+def test_sigkill_with_default_checkpointing_resumes_from_the_command_line(tmp_path):
+    """The real thing: SIGKILL to `deqbench train` with no checkpoint option, then `--resume`."""
+    args = ["--model", "deq-transformer", "--batch", "4", "--seq-len", "8", "--steps", "400",
+            "--warmup", "3", "--pretrain-steps", "3", "--log-every", "1", "--threads", "1",
+            "--data", "synthetic:tokens=5000,eval_tokens=1000", "--no-progress"]
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "train", *args, "--out", str(run)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / LOG).exists() and len(read_log(run)) >= 4) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert (run / CHECKPOINT).exists() and len(read_log(run)) >= 4
+    resumed = Trainer.resume(run)
+    start = resumed.step  # 0 (the checkpoint before the first step), unless 60 s went by
+    assert [int(r["step"]) for r in read_log(run)] == list(range(1, start + 1))  # later rows dropped
+    done = resumed.run(until=start + 2)
+    assert done.status == "interrupted" and done.steps == start + 2
+    assert [int(r["step"]) for r in read_log(run)] == list(range(1, start + 3))
 
 
 # -- quality: the synthetic optimum and real text -------------------------------------------------
