@@ -140,3 +140,28 @@ def test_a_row_file_is_replaced_whole_by_concurrent_writers(tmp_path):
     assert all(p.wait(60) == 0 for p in procs)
     assert list(rundir.read_rows(tmp_path)) == ["c"]
     assert [p.name for p in (tmp_path / rundir.ROWS).iterdir()] == [rundir.row_file(tmp_path, "c").name]
+
+
+def test_a_lock_kept_by_a_child_of_a_dead_holder_says_so(tmp_path):
+    child_pid = tmp_path / "child.pid"
+    code = textwrap.dedent(f"""
+        import os, time
+        from bench.rundir import RunLock
+        lock = RunLock.acquire({str(tmp_path / "run")!r}, "deqbench run")
+        if os.fork() == 0:  # a forked child shares the locked file description
+            os.close(1), os.close(2)
+            open({str(child_pid)!r}, "w").write(str(os.getpid()))
+            time.sleep(60)
+            os._exit(0)
+        while not os.path.exists({str(child_pid)!r}):
+            time.sleep(0.01)
+        os._exit(0)  # the holder ends; its child keeps the lock
+    """)
+    (tmp_path / "run").mkdir()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        with pytest.raises(RunDirError, match="a process that has ended: a process it started still holds"):
+            rundir.RunLock.acquire(tmp_path / "run")
+    finally:
+        os.kill(int(child_pid.read_text()), 9)
