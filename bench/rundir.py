@@ -132,7 +132,10 @@ def check_resume(run_dir: Path, current: Mapping[str, Any]) -> None:
     except (OSError, ValueError) as err:
         raise RunDirError(f"cannot resume {run_dir}: its {ENV} is unreadable ({err}), so what it "
                           "ran is unknown; start a new folder with another --out") from None
-    started = env.get("run") if isinstance(env, Mapping) else None
+    if not isinstance(env, Mapping):
+        raise RunDirError(f"cannot resume {run_dir}: its {ENV} is not a JSON object, so what it "
+                          "ran is unknown; start a new folder with another --out")
+    started = env.get("run")
     if not isinstance(started, Mapping):
         return
     diffs = []
@@ -211,7 +214,8 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
     for tmp in run_dir.glob(f".{RESULTS}.*.tmp"):
         with contextlib.suppress(OSError):
             tmp.unlink()
-    for tmp in (run_dir / ROWS).glob(".*.tmp"):  # .<hash>.<host>.<pid>.tmp
+    rows = run_dir / ROWS
+    for tmp in rows.glob(".*.tmp") if rows.is_dir() else []:  # .<hash>.<host>.<pid>.tmp
         host, _, pid = tmp.name[1:-len(".tmp")].partition(".")[2].rpartition(".")
         if host == platform.node() and not _alive(pid):
             with contextlib.suppress(OSError):
@@ -251,6 +255,10 @@ class Results:
         folder from before row files), which get one; then results.csv is rewritten from them,
         whatever a kill left in it (a torn line anywhere, duplicates, another order)."""
         results = cls(run_dir, order)
+        rows = Path(run_dir) / ROWS
+        if rows.exists() and not rows.is_dir():
+            raise RunDirError(f"{rows} is not a directory (a run keeps its row files there); "
+                              "move it away or choose another --out")
         _remove_stale_temporaries(Path(run_dir))
         results.rows = read_rows(run_dir)
         for row in _csv_rows(Path(run_dir) / RESULTS):

@@ -264,9 +264,9 @@ def run_matrix(matrix: Matrix, out: Path, options: RunOptions, *, resume: bool =
             rundir.check_resume(out, run)  # again, now that nobody else can change it
         else:
             rundir.check_fresh(out)
+        results = rundir.Results.recover(out, [c.case_id for c in cases])
         if on_start is not None:
             on_start()
-        results = rundir.Results.recover(out, [c.case_id for c in cases])
         again = set(FAILED_STATUSES) if retry_failed else {"killed"}
         todo = [c for c in cases
                 if c.case_id not in results.rows or results.rows[c.case_id].get("status") in again]
