@@ -126,12 +126,16 @@ def check_run_dir(text: str) -> Path:
 
 def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
     from bench.results import RESULTS
+    from bench.rundir import holds_run
     from bench.runner import default_out_dir
 
+    if args.retry_failed and not args.resume:
+        raise BadInput("--retry-failed re-runs the failed cases of a run: use it with --resume")
     if args.resume:
         out = Path(args.out) if args.out else Path("results/latest")
-        if not (out / RESULTS).exists():
-            raise RunDirError(f"nothing to resume: {out / RESULTS} does not exist; start a run without --resume")
+        if not holds_run(out):
+            raise RunDirError(f"nothing to resume: {out} holds no run (no env.json or "
+                              f"{RESULTS}); start a run without --resume")
     else:
         out = Path(args.out) if args.out else default_out_dir()
         if suffix and not args.out:
@@ -174,7 +178,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
-    from bench.runner import RunOptions, link_latest, run_matrix, select_cases
+    from bench.runner import RunOptions, interrupted_line, link_latest, run_matrix, select_cases
     from bench.spec import instrument_list
 
     matrix = load_matrix_arg(args)
@@ -190,14 +194,17 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
         raise BadInput(f"--only {args.only!r} matches no case of {matrix.name}; "
                        f"`deqbench list` shows presets, case ids look like {matrix.cases[0].case_id}")
     out = out_dir_arg(args, suffix="-predict" if predict else "")
-    for note in matrix.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(f"{'predicting' if predict else 'running'} {matrix.name}: {len(matrix.cases)} cases on "
-          f"{device} -> {out}", file=sys.stderr)
+    lines = [*(f"note: {note}" for note in matrix.notes), f"{'predicting' if predict else 'running'} "
+             f"{matrix.name}: {len(matrix.cases)} cases on {device} -> {out}"]
     options = RunOptions(device=device, memory_limit=memory_limit, instruments=instruments,
                          progress=not args.no_progress)
-    run_matrix(matrix, out, options, resume=args.resume, only=args.only,
-               argv=["deqbench", *sys.argv[1:]])
+    try:  # the header once the folder is ours (not in use; the same run when resuming)
+        run_matrix(matrix, out, options, resume=args.resume, retry_failed=args.retry_failed,
+                   only=args.only, argv=["deqbench", *sys.argv[1:]],
+                   on_start=lambda: print("\n".join(lines), file=sys.stderr))
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, the rows are kept
+        print(f"deqbench: {interrupted_line(out, sys.argv[1:], bool(args.out))}", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)
     if not args.out and not args.resume:
         link_latest(out)
     view = analysis.RunView.load(out)
@@ -392,6 +399,8 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="no figures or report.md (`deqbench report D` makes them later)")
     p.add_argument("--threads", type=int, help="torch threads per case (default: the preset's, else all cores)")
+    p.add_argument("--retry-failed", action="store_true", help="with --resume: also run again the "
+                   "cases whose row failed (oom, error, timeout); killed ones always run again")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,3 +495,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"deqbench: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:
+        print("deqbench: interrupted", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)

@@ -2,7 +2,9 @@
 
 The columns are one typed schema (`SCHEMA`): every writer and reader goes through it. Raw bytes
 and seconds only; an instrument that could not measure leaves its cell empty (never 0). A run
-killed mid-write leaves at most one torn last line, which reading skips.
+killed mid-write leaves at most one torn last line; every cell is written on one line, so a
+reader takes a record per line and a torn line, wherever it is, costs only itself. A run folder
+also keeps one row file per case (bench.rundir): results.csv is rebuilt from them on resume.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ if TYPE_CHECKING:
 
 RESULTS, ENV = "results.csv", "env.json"
 # A row's status. Rows whose numbers exist are OK_STATUSES: a diverged solve keeps its
-# measurements (and says so in `error`); the rest failed and hold no measurement.
-STATUSES = ("ok", "oom", "diverged", "error", "timeout")
+# measurements (and says so in `error`); the rest failed and hold no measurement. `killed`: the
+# worker died from a signal with no evidence of running out of memory (`--resume` runs it again).
+STATUSES = ("ok", "oom", "diverged", "killed", "error", "timeout")
 OK_STATUSES = ("ok", "diverged")
 FAILED_STATUSES = tuple(s for s in STATUSES if s not in OK_STATUSES)
 
@@ -108,14 +111,15 @@ def number(value: Any) -> float | int | None:
 
 def cell(value: Any) -> str:
     """How a value is written into a CSV cell: empty for None, repr for floats, JSON for
-    containers."""
+    containers; never a line break (a record is one line)."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return repr(value)
+        return repr(float(value))
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value)
-    return str(value)
+    text = str(value)
+    return " ".join(text.splitlines()) if "\n" in text or "\r" in text else text
 
 
 def csv_text(columns: Iterable[str], rows: Iterable[Mapping[str, Any]], *, header: bool) -> str:
@@ -160,16 +164,36 @@ def read_results(run_dir_or_csv: str | Path) -> pd.DataFrame:
     path = Path(run_dir_or_csv)
     if path.is_dir():
         path = path / RESULTS
-    with path.open(newline="") as fh:
-        lines = list(csv.reader(fh))
-    if not lines:
+    header, body = read_records(path)
+    if not header:
         return pd.DataFrame(columns=list(COLUMNS))
-    header, body = lines[0], [r for r in lines[1:] if len(r) == len(lines[0])]
     df = pd.DataFrame(body, columns=header).replace("", None)
     for col in df.columns:
         if KINDS.get(col, "text") not in TEXT_KINDS:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
+
+
+def read_records(path: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and the whole records of a results.csv, one a line. A line that does not
+    parse into the header's field count (torn by a kill, even inside a quoted field) is
+    skipped alone: it never swallows the lines after it."""
+    with Path(path).open(newline="") as fh:
+        lines = fh.read().split("\n")
+    records = []
+    for line in lines:
+        if line.endswith("\r"):
+            line = line[:-1]
+        if not line:
+            continue
+        try:
+            records.append(next(csv.reader([line], strict=True)))
+        except (csv.Error, StopIteration):
+            continue
+    if not records:
+        return [], []
+    header = records[0]
+    return header, [r for r in records[1:] if len(r) == len(header)]
 
 
 def finished_case_ids(run_dir: Path) -> set[str]:

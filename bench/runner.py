@@ -5,26 +5,39 @@ time and waits at most `timeout_s` for the row. A worker serves several cases on
 without a memory limit, where its history cannot change a measurement (tracked and predicted
 bytes count live storages from zero, timing follows warm-up); on CUDA, or with a memory limit, every
 case gets a fresh process so allocator caches, the CUDA context and address space start clean.
-After any failure the worker is replaced. Rows are appended (and fsynced) as cases end, so a
-killed run keeps them and `resume` finishes it.
+After any failure the worker is replaced.
+
+The run folder (bench.rundir) is locked for the whole run; each row is written to its own file
+(atomically) and merged into results.csv as it lands, so a run killed at any point keeps every
+finished case, and `--resume` (same matrix, same options: checked) finishes it. Ctrl-C or SIGTERM
+stops the run at once (the running case is dropped, its worker killed) and raises KeyboardInterrupt
+(`Interrupted`, with the signal) to the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import multiprocessing as mp
+import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import env as envmod
-from bench.results import ENV, OK_STATUSES, append_row, finished_case_ids, write_json
+from bench import rundir
+from bench.results import COLUMNS, ENV, FAILED_STATUSES, OK_STATUSES, read_env, write_json
 from bench.spec import Case, Matrix
+
+# Signals that end a worker from outside (someone, or something, killed it): its case's outcome
+# is unknown, and `--resume` runs it again. Any other signal is the case crashing its worker.
+KILL_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+OOM_TEXT = ("out of memory", "bad_alloc", "cannot allocate memory", "can't allocate memory", "memoryerror")
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,14 @@ class RunOptions:
     memory_limit: int | None = None  # bytes of extra address space per case (CPU)
     instruments: tuple[str, ...] = ()  # empty: the matrix's [settings] instruments, else all the device allows
     progress: bool = True
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGINT: Ctrl-C, or SIGTERM); the rows so far are kept."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def select_cases(cases: Sequence[Case], only: str | None) -> list[Case]:
@@ -47,26 +68,28 @@ def select_cases(cases: Sequence[Case], only: str | None) -> list[Case]:
 
 
 class _Worker:
-    """One spawned worker process and its pipe."""
+    """One spawned worker process and its pipe; its stdout and stderr go to `log`."""
 
-    def __init__(self, options: RunOptions, matrix: Matrix) -> None:
+    def __init__(self, options: RunOptions, matrix: Matrix, log: Path) -> None:
         from bench.worker import serve
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
+        self.log = log
         self.process = ctx.Process(
             target=serve,
             args=(child, options.device, options.memory_limit, asdict(matrix.settings),
-                  options.instruments or matrix.settings.instruments),
+                  options.instruments or matrix.settings.instruments, str(log), os.getpid()),
             daemon=True,
         )
-        self.process.start()
+        with _spawn_environment(options.memory_limit):
+            self.process.start()
         child.close()
-        self.cases = 0
 
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
-        self.cases += 1
         t0 = time.monotonic()
+        log_start = _size(self.log)
+        oom_kills = oom_kill_counters()
         try:
             self.conn.send(case.to_message())
             answered = self.conn.poll(timeout_s)  # True on a row, and on EOF (a dead worker)
@@ -76,7 +99,8 @@ class _Worker:
             with contextlib.suppress(EOFError, OSError):
                 return self.conn.recv()
             self.process.join(10)
-            return _death_row(self.process.exitcode, time.monotonic() - t0)
+            return death_row(self.process.exitcode, time.monotonic() - t0, oom_kills,
+                             oom_kill_counters(), _read_from(self.log, log_start))
         self.kill()
         return {"status": "timeout", "elapsed_s": time.monotonic() - t0,
                 "error": f"no result within the {timeout_s:g} s case time limit"}
@@ -88,72 +112,244 @@ class _Worker:
         self.conn.close()
 
     def close(self) -> None:
-        with contextlib.suppress(BrokenPipeError, OSError):
+        with contextlib.suppress(OSError):
             self.conn.send(None)
         self.process.join(10)
         if self.process.is_alive():
             self.kill()
 
 
-def _death_row(exitcode: int | None, elapsed: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def _spawn_environment(memory_limit: int | None) -> Iterator[None]:
+    """What a worker inherits at its start: SIGINT ignored (a terminal's Ctrl-C reaches the whole
+    process group; the runner handles it and kills the worker), and under a memory limit
+    PYTHONMALLOC=malloc (see bench.worker). A Ctrl-C meanwhile waits (blocked) for the runner."""
+    main = threading.current_thread() is threading.main_thread()
+    blocked = main and hasattr(signal, "pthread_sigmask")
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    malloc = os.environ.get("PYTHONMALLOC")
+    if memory_limit is not None:
+        os.environ["PYTHONMALLOC"] = "malloc"
+    try:
+        yield
+    finally:
+        if memory_limit is not None:
+            if malloc is None:
+                os.environ.pop("PYTHONMALLOC", None)
+            else:
+                os.environ["PYTHONMALLOC"] = malloc
+        if main:
+            signal.signal(signal.SIGINT, handler)
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def death_row(exitcode: int | None, elapsed: float, oom_before: dict[str, int],
+              oom_after: dict[str, int], log: str = "") -> dict[str, Any]:
+    """The row of a worker that died before reporting. `oom` only with evidence: the kernel's
+    oom_kill counters went up meanwhile, or the worker's last words say memory ran out."""
+    words = [line.strip() for line in log.splitlines() if line.strip() and not line.startswith("--- ")]
+    last = words[-1] if words else ""  # the worker's last words (not the header of its case)
+    said = f"; worker.log: {last[:200]}" if last else ""
+    out_of_memory = any(m in log.lower() for m in OOM_TEXT)
+    row: dict[str, Any] = {"elapsed_s": elapsed}
     if exitcode is not None and exitcode < 0:
-        sig = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
-        if -exitcode == signal.SIGKILL:
-            return {"status": "oom", "elapsed_s": elapsed,
-                    "error": "worker killed by SIGKILL (the OS out-of-memory killer, most likely)"}
-        return {"status": "error", "elapsed_s": elapsed, "error": f"worker died from signal {sig}"}
-    return {"status": "error", "elapsed_s": elapsed,
-            "error": f"worker exited with code {exitcode} before reporting"}
+        sig = signal.Signals(-exitcode) if -exitcode in signal.valid_signals() else None
+        name = sig.name if sig else f"signal {-exitcode}"
+        grown = [k for k, v in oom_after.items() if v > oom_before.get(k, v)]
+        if grown:
+            return {**row, "status": "oom", "error": f"worker killed by {name}: the kernel's OOM "
+                    f"killer ({', '.join(grown)} oom_kill went up){said}"}
+        if out_of_memory:
+            return {**row, "status": "oom", "error": f"worker died from {name} out of memory{said}"}
+        if sig in KILL_SIGNALS:
+            return {**row, "status": "killed", "error": f"worker killed by {name}; no sign of "
+                    f"running out of memory (oom_kill counters unchanged){said}"}
+        return {**row, "status": "error", "error": f"worker crashed ({name}){said}"}
+    status = "oom" if out_of_memory else "error"
+    return {**row, "status": status, "error": f"worker exited with code {exitcode} before reporting{said}"}
 
 
-def prepare_run_dir(out: Path, matrix: Matrix, *, resume: bool, argv: list[str] | None,
-                    device: str) -> None:
-    """Create the run directory and write env.json first (kept as-is when resuming)."""
-    out.mkdir(parents=True, exist_ok=True)
-    env_path = out / ENV
-    if not (resume and env_path.exists()):
+def oom_kill_counters() -> dict[str, int]:
+    """The kernel's counts of OOM kills that this machine exposes: /proc/vmstat (whole machine)
+    and this process's memory cgroup (v2 memory.events, v1 memory.oom_control)."""
+    counts = {}
+    for path in ("/proc/vmstat", *_cgroup_oom_files()):
+        with contextlib.suppress(OSError, ValueError), open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    counts[path] = int(value)
+    return counts
+
+
+@functools.cache
+def _cgroup_oom_files() -> tuple[str, ...]:
+    files = []
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as fh:
+        for line in fh:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controllers == "":
+                where, name = Path("/sys/fs/cgroup"), "memory.events"
+            elif "memory" in controllers.split(","):
+                where, name = Path("/sys/fs/cgroup/memory"), "memory.oom_control"
+            else:
+                continue
+            for folder in (where / path.lstrip("/"), where):  # inside a container: its root
+                if (folder / name).is_file():
+                    files.append(str(folder / name))
+                    break
+    return tuple(files)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int, most: int = 1 << 16) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(max(offset, _size(path) - most))
+            return fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_record(cases: Sequence[Case], matrix: Matrix, options: RunOptions, only: str | None) -> dict[str, Any]:
+    """What `--resume` must find unchanged: env.json's `run` (bench.rundir.fingerprint)."""
+    run_options = {"device": options.device, "memory_limit": options.memory_limit,
+                   "instruments": list(options.instruments or matrix.settings.instruments)}
+    return rundir.fingerprint([c.case_id for c in cases], asdict(matrix.settings), run_options, only)
+
+
+def write_env(out: Path, matrix: Matrix, run: dict[str, Any], *, resume: bool,
+              argv: list[str] | None, device: str) -> None:
+    """env.json: written when a run starts; a resume adds itself to `resumes`."""
+    from bench import env as envmod
+
+    command = " ".join(argv if argv is not None else sys.argv)
+    env = read_env(out) if resume else {}
+    if isinstance(env, dict) and env:
+        env.setdefault("resumes", []).append({"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": command})
+    else:
         env = envmod.capture(device, argv)
         env["matrix"] = {"name": matrix.name, "source": matrix.source, "cases": len(matrix.cases),
                          "settings": asdict(matrix.settings)}
+        env["run"] = run
         if matrix.settings.threads is not None:
             env["torch_threads"] = matrix.settings.threads  # what the workers use
-        write_json(env_path, env)
+    write_json(out / ENV, env)
 
 
 def run_matrix(matrix: Matrix, out: Path, options: RunOptions, *, resume: bool = False,
-               only: str | None = None, argv: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run (or finish) a matrix into `out`; returns the rows written by this call."""
-    prepare_run_dir(out, matrix, resume=resume, argv=argv, device=options.device)
-    done = finished_case_ids(out) if resume else set()
-    todo = [c for c in select_cases(matrix.cases, only) if c.case_id not in done]
+               retry_failed: bool = False, only: str | None = None, argv: list[str] | None = None,
+               on_start: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+    """Run (or finish) a matrix into `out`; returns the rows written by this call. A resume runs
+    the cases without a row and those whose worker was killed; `retry_failed` also those that
+    failed (oom, error, timeout). RunDirError (before anything is written) if `out` is in use,
+    or was started with other cases or options; `on_start` is called once those checks pass."""
+    cases = select_cases(matrix.cases, only)
+    run = run_record(cases, matrix, options, only)
+    if resume:
+        rundir.check_resume(out, run)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(argv if argv is not None else sys.argv)
+    with rundir.RunLock.acquire(out, command), _signals_interrupt():
+        if resume:
+            rundir.check_resume(out, run)  # again, now that nobody else can change it
+        else:
+            rundir.check_fresh(out)
+        results = rundir.Results.recover(out, [c.case_id for c in cases])
+        if on_start is not None:
+            on_start()
+        again = set(FAILED_STATUSES) if retry_failed else {"killed"}
+        todo = [c for c in cases
+                if c.case_id not in results.rows or results.rows[c.case_id].get("status") in again]
+        worker = _Worker(options, matrix, out / rundir.WORKER_LOG) if todo else None  # starts meanwhile
+        try:
+            write_env(out, matrix, run, resume=resume, argv=argv, device=options.device)
+        except BaseException:
+            if worker is not None:
+                worker.kill()
+            raise
+        return _run_cases(todo, matrix, options, results, worker, done=len(cases) - len(todo))
+
+
+def _run_cases(todo: list[Case], matrix: Matrix, options: RunOptions, results: rundir.Results,
+               worker: _Worker | None, done: int) -> list[dict[str, Any]]:
     # A worker serves several cases only where its history cannot change a measurement.
     fresh = options.device.startswith("cuda") or options.memory_limit is not None
     rows: list[dict[str, Any]] = []
-    bar = _progress(len(todo), options.progress, skipped=len(done))
-    worker: _Worker | None = None
+    bar = _progress(len(todo), options.progress, skipped=done)
     try:
         for case in todo:
             if bar is not None:
                 bar.set_postfix_str(case.case_id, refresh=False)
             if worker is None:
-                worker = _Worker(options, matrix)
+                worker = _Worker(options, matrix, results.run_dir / rundir.WORKER_LOG)
             result = worker.run(case, matrix.settings.timeout_s)
-            row = {**case.columns(), **result}
-            row.setdefault("device", options.device)
-            append_row(out, row)
-            rows.append(row)
+            rows.append(results.add(_row(case, result, options.device)))
             healthy = result.get("status") in OK_STATUSES
             if fresh or not healthy:
                 worker.close() if healthy else worker.kill()
                 worker = None
             if bar is not None:
                 bar.update(1)
+    except BaseException:
+        if worker is not None:  # stopped: the running case is dropped, now
+            worker.kill()
+            worker = None
+        raise
     finally:
         if worker is not None:
             worker.close()
         if bar is not None:
             bar.close()
     return rows
+
+
+def _row(case: Case, result: dict[str, Any], device: str) -> dict[str, Any]:
+    """The case's columns and the worker's result; a column the schema lacks is named in `error`
+    rather than lost silently or failing the run."""
+    row = {**case.columns(), **{k: v for k, v in result.items() if k in COLUMNS}}
+    unknown = sorted(set(result) - set(COLUMNS))
+    if unknown:
+        row["error"] = "; ".join(filter(None, [row.get("error"), f"unknown result column(s) {unknown} dropped"]))
+    row.setdefault("device", device)
+    if row.get("status") is None:
+        row["status"] = "error"
+    return row
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread while the run goes on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    saved = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def interrupted_line(out: Path, args: Sequence[str], out_given: bool) -> str:
+    """What an interrupted `deqbench run` says: the rows kept, and the command that finishes it."""
+    again = [a for a in args if a != "--retry-failed"]
+    again += ["--resume"] * ("--resume" not in again) + ["--out", str(out)] * (not out_given)
+    return (f"interrupted; {len(rundir.read_rows(out))} case row(s) kept in {out}; finish with "
+            f"`deqbench {' '.join(again)}`")
 
 
 def _progress(total: int, enabled: bool, skipped: int = 0):
