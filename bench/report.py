@@ -5,8 +5,9 @@
 
 Sections: where the paper's 88% holds (a paragraph generated from the pairs, not written by
 hand), the environment, one table per family of each DEQ-baseline pair (peaks, reduction,
-slowdown, NFE), the paper comparison (ours vs PAPER.md per pair, measured or predicted), every
-figure (or why it was skipped), and the cases that did not finish with their error lines.
+slowdown, NFE), the paper comparison (ours vs PAPER.md per pair, measured or predicted), the rows
+measured by both tracked and predicted, every figure (or why it was skipped), and the cases that
+did not finish with their error lines.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ KIND_WORDS = {"untied": "untied, L distinct layers", "tied": "weight-tied, one l
               "ckpt": "weight-tied with activation checkpointing", "hf": "HF GPT-2"}
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, formats: tuple[str, ...] | None = None) -> Path:
     """Write run_dir/report.md; figures are reused when figures/index.json matches this
-    results.csv, else drawn again. Returns the report's path."""
+    results.csv, else drawn again (PNG), or drawn in `formats` when given. Returns the path."""
     run_dir = Path(run_dir)
     run = RunView.load(run_dir)
-    figures = plots.load_index(run_dir) or plots.plot_run(run)
+    fresh = None if formats else plots.load_index(run_dir)
+    figures = fresh or plots.plot_run(run, formats=formats or plots.DEFAULT_FORMATS)
     path = run_dir / REPORT
     path.write_text(render(run, figures))
     return path
@@ -59,6 +61,7 @@ def render(run: RunView, figures: plots.Figures) -> str:
     out += ["## Environment", "", *environment(run), ""]
     out += ["## DEQ vs explicit baselines", "", *pair_tables(run, p), ""]
     out += ["## The paper's pairs", "", *paper_section(run), ""]
+    out += ["## Predicted against tracked", "", *predicted_section(run), ""]
     out += ["## Figures", "", *figure_section(figures), ""]
     out += ["## Cases that did not finish", "", *failures(df), ""]
     notes = [*figures.notes]
@@ -202,6 +205,24 @@ def paper_section(run: RunView) -> list[str]:
     return [f"Our peaks at the paper's protocol ({protocol}, word embeddings excluded) beside the "
             "paper's (PAPER.md). `predicted` = fake tensors, nothing allocated; `measured` = this "
             "device's instrument.", "", *md_table(PAPER_HEADERS, rows)]
+
+
+def predicted_section(run: RunView) -> list[str]:
+    """The rows measured by both `tracked` (a real step) and `predicted` (fake tensors), the
+    difference in each: [settings] predicted says which cases a run predicts (a sample by
+    default); a DEQ's prediction runs every solve to max_iter, where the real one may stop."""
+    df = run.df
+    both = df[df["tracked_bytes"].notna() & df["predicted_bytes"].notna()]
+    policy = ((run.env.get("matrix") or {}).get("settings") or {}).get("predicted")
+    said = f" ([settings] predicted = {policy})" if policy else ""
+    if both.empty:
+        return [f"No row has both tracked and predicted bytes{said}."]
+    rows = [(f"`{r.case_id}`", format_bytes(r.tracked_bytes), format_bytes(r.predicted_bytes),
+             format_pct(number(r.predicted_bytes) / number(r.tracked_bytes) - 1))
+            for r in both.itertuples()]
+    return [f"{len(both)} of {len(df)} rows have both{said}; predicted − tracked in each. A DEQ's "
+            "prediction runs every solve to max_iter iterations; the real step may stop earlier.",
+            "", *md_table(["case", "tracked", "predicted", "difference"], rows)]
 
 
 def figure_section(figures: plots.Figures) -> list[str]:

@@ -19,6 +19,13 @@ A case is one model at one shape and phase. A matrix (TOML) lists axes whose val
 `fit_seconds` on `fit_data` and records its perplexity (bench.train): every model of a matrix gets
 the same budget, so DEQs and their baselines compare at equal steps or equal wall-clock.
 
+`[settings] predicted` says which cases the `predicted` instrument (fake tensors) measures beside
+the real passes when a run uses the device's default instruments: a "sample" by default (the first
+case of each model, size, mode and phase, and every case beyond the debug size), "all" or "none".
+`tracked` is exact on any device, so a prediction of every case only doubles a CPU run; the sample
+keeps it honest against `tracked` in every run (the report lists the rows that have both), and
+`deqbench predict` predicts every case.
+
 `model = [...]` may replace family x variant, and `config = { max_iter = 50 }` sets model config
 fields (not multiplied; checked against each model's config). DEQs have no depth and explicit models no solver or
 backward, so those axes do not multiply the cases they don't apply to. Untied explicit baselines
@@ -48,6 +55,7 @@ AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", 
         "mode", "phase")
 KEYS = (*AXES, "config")  # config: model config overrides, the same for every case of a sweep
 PHASES = ("train", "eval", "fit")
+PREDICTED = ("sample", "all", "none")  # RunSettings.predicted
 MODES = ("core", "lm")
 DTYPES = ("float32", "float64", "bfloat16", "float16")  # bench.measure.workload.DTYPES' names
 
@@ -66,6 +74,9 @@ class Case:
     solver: str | None = None  # DEQs only
     backward: str | None = None  # DEQs only
     overrides: tuple[tuple[str, Any], ...] = ()  # model config overrides, e.g. parameter matching
+    # Measure it with `predicted` too where the run uses the device's default instruments (the
+    # matrix's [settings] predicted sample); not part of the case id.
+    predict: bool = True
 
     @property
     def is_deq(self) -> bool:
@@ -145,6 +156,8 @@ class RunSettings:
     fit_seconds: float | None = None  # a wall-clock budget; fit_steps then only caps the steps
     fit_data: str = "synthetic"
     fit_lr: float | None = None
+    # Which cases `predicted` measures beside the real passes: "sample", "all" or "none" (above).
+    predicted: str = "sample"
 
     def __post_init__(self) -> None:
         def bad(key: str, what: str) -> SpecError:
@@ -165,6 +178,8 @@ class RunSettings:
                 raise bad(key, f"a positive {kind}" + (" (finite)" if kind == "number" else ""))
         if not isinstance(self.match_params, bool):
             raise bad("match_params", "true or false")
+        if self.predicted not in PREDICTED:
+            raise bad("predicted", f"one of {', '.join(PREDICTED)}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"one of {', '.join(DTYPES)}")
         if not isinstance(self.instruments, tuple) or not all(isinstance(n, str) for n in self.instruments):
@@ -249,10 +264,26 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     unique = tuple(dict.fromkeys(cases))  # keep order, drop repeats across sweeps
     if not unique:
         raise SpecError(f"{where} expands to no cases")
+    unique = predicted_sample(unique, settings.predicted)
     return Matrix(
         name=str(data.get("name", default_name)), description=str(data.get("description", "")),
         cases=unique, settings=settings, source=source, notes=tuple(dict.fromkeys(notes)),
     )
+
+
+def predicted_sample(cases: Iterable[Case], policy: str) -> tuple[Case, ...]:
+    """The cases with `predict` set by the [settings] predicted policy: "all", "none", or a
+    "sample": the first case of each model, size, mode and phase (every model's prediction is
+    held against its tracked bytes in every run), and every case beyond the debug size (where a
+    real step may not fit, or takes long, the prediction is what the row can rely on)."""
+    seen: set[tuple[str, str, str, str]] = set()
+    out = []
+    for case in cases:
+        key = (case.model, case.size, case.mode, case.phase)
+        predict = policy == "all" or (policy == "sample" and (key not in seen or case.size != "debug"))
+        seen.add(key)
+        out.append(dataclasses.replace(case, predict=predict))
+    return tuple(out)
 
 
 def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
