@@ -10,7 +10,7 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from bench import plots
+from bench import plots, report
 from bench.cli import main
 from bench.plots.style import line_label
 from bench.results import read_results
@@ -55,6 +55,20 @@ def test_figures_state_device_preset_batch_and_seq_len(quick):
     for text in (env["device_name"], "preset quick", "batch 2", "seq_len 32, 128",
                  "tracked (live tensor bytes)"):
         assert text in svg, text
+
+
+def test_png_by_default_svg_when_asked_and_the_report_links_what_exists(tmp_path):
+    run_dir = copy_run("quick", tmp_path / "run")
+    figures = plots.plot_run(run_dir, only=["reduction"], formats=("png", "svg"))
+    assert figures.made[0].files == ["figures/reduction.png", "figures/reduction.svg"]
+    assert "([SVG](figures/reduction.svg))" in "\n".join(report.figure_section(figures))
+    figures = plots.plot_run(run_dir, only=["reduction"])  # the default: PNG only
+    assert figures.made[0].files == ["figures/reduction.png"]
+    assert not (run_dir / "figures" / "reduction.svg").exists()  # it showed the older drawing
+    section = "\n".join(report.figure_section(figures))
+    assert "](figures/reduction.png)" in section and "SVG" not in section
+    with pytest.raises(ValueError, match="formats"):
+        plots.plot_run(run_dir, only=["reduction"], formats=("pdf",))
 
 
 def test_index_goes_stale_when_results_change(quick, tmp_path):
@@ -159,7 +173,7 @@ def test_gpu_rows_add_allocator_reserve_and_cuda_context(tmp_path):
     rewrite(run_dir, lambda df: df.assign(
         memory_source="torch_cuda", reserved_bytes=df["peak_bytes"] + 2_097_152,
         nvml_process_bytes=df["peak_bytes"] + 2_097_152 + 500_000_000))
-    figures = plots.plot_run(run_dir, only=["memory_breakdown"])
+    figures = plots.plot_run(run_dir, only=["memory_breakdown"], formats=("svg",))
     assert [f.name for f in figures.made] == ["memory_breakdown"]
     svg = (run_dir / "figures" / "memory_breakdown.svg").read_text()
     for text in ("allocator reserve (reserved − peak)", "CUDA context etc. (NVML − reserved)",
