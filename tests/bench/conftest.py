@@ -11,10 +11,10 @@ PLUGIN = "tests.bench.toy_plugin"
 
 @pytest.fixture(scope="session")
 def quick_report(tmp_path_factory) -> Path:
-    """The quick run's figures (PNG and SVG) and report.md, made once from the copied CSV alone
-    by `deqbench report --svg`; tests read it and never change it (copy it first)."""
+    """The quick run's figures and report.md, made once from the copied CSV alone by
+    `deqbench report`; tests read it and never change it (copy it first)."""
     run_dir = copy_run("quick", tmp_path_factory.mktemp("quick"))
-    assert main(["report", "--svg", str(run_dir)]) == 0
+    assert main(["report", str(run_dir)]) == 0
     return run_dir
 
 

@@ -31,7 +31,7 @@ def quick(quick_report):
     return quick_report
 
 
-def test_every_quick_figure_is_drawn_as_png_and_svg(quick):
+def test_every_quick_figure_is_drawn_as_png(quick):
     index = plots.load_index(quick)
     assert index is not None
     assert {f.name for f in index.made} == QUICK_FIGURES
@@ -39,19 +39,22 @@ def test_every_quick_figure_is_drawn_as_png_and_svg(quick):
     assert set(index.skipped) == {"paper_pairs", "training_curves"}
     assert "paper's protocol" in index.skipped["paper_pairs"]
     for name in QUICK_FIGURES:
-        png, svg = quick / "figures" / f"{name}.png", quick / "figures" / f"{name}.svg"
+        png = quick / "figures" / f"{name}.png"
         assert png.stat().st_size > 30_000, name
         pixels = matplotlib.image.imread(png)[..., :3]
         assert pixels.std() > 0.05, f"{name}.png is (nearly) one colour"
         assert pixels.shape[1] >= 1000, f"{name}.png too narrow to read"
-        text = svg.read_text()
-        assert text.lstrip().startswith("<?xml") and "<svg" in text and len(text) > 20_000
+        assert not (quick / "figures" / f"{name}.svg").exists()  # SVG only when asked
 
 
-def test_figures_state_device_preset_batch_and_seq_len(quick):
-    svg = (quick / "figures" / "memory_vs_seq_len.svg").read_text()
-    env = json.loads((quick / "env.json").read_text())
-    # svg.fonttype none keeps the text searchable
+def test_figures_state_device_preset_batch_and_seq_len(tmp_path):
+    """As SVG (`--svg`), whose text stays searchable (svg.fonttype none)."""
+    run_dir = copy_run("quick", tmp_path / "run")
+    figures = plots.plot_run(run_dir, only=["memory_vs_seq_len"], formats=("svg",))
+    assert figures.made[0].files == ["figures/memory_vs_seq_len.svg"]
+    svg = (run_dir / "figures" / "memory_vs_seq_len.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and len(svg) > 20_000
+    env = json.loads((run_dir / "env.json").read_text())
     for text in (env["device_name"], "preset quick", "batch 2", "seq_len 32, 128",
                  "tracked (live tensor bytes)"):
         assert text in svg, text
@@ -188,3 +191,13 @@ def test_line_labels_name_the_size_from_series_and_tuples():
     expected = "weight-tied (1 layer x L), L=16 [paper-small]"
     assert line_label(row, "depth", size=True) == expected
     assert line_label(next(pd.DataFrame([row]).itertuples()), "depth", size=True) == expected
+
+
+def test_svg_flag_of_report_and_plot(tmp_path, capsys):
+    run_dir = copy_run("paper", tmp_path / "paper")  # two figures: cheap to draw
+    assert main(["report", "--svg", str(run_dir)]) == 0
+    md = (run_dir / "report.md").read_text()
+    assert "(figures/paper_pairs.png)" in md and "([SVG](figures/paper_pairs.svg))" in md
+    assert main(["plot", str(run_dir)]) == 0
+    assert "wrote figures/paper_pairs.png" in capsys.readouterr().out
+    assert not (run_dir / "figures" / "paper_pairs.svg").exists()
