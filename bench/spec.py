@@ -21,7 +21,7 @@ the same budget, so DEQs and their baselines compare at equal steps or equal wal
 
 `[settings] predicted` says which cases the `predicted` instrument (fake tensors) measures beside
 the real passes when a run uses the device's default instruments: a "sample" by default (the first
-case of each model, size, mode and phase, and every case beyond the debug size), "all" or "none".
+case of each model, size and mode, and every case beyond the debug size), "all" or "none".
 `tracked` is exact on any device, so a prediction of every case only doubles a CPU run; the sample
 keeps it honest against `tracked` in every run (the report lists the rows that have both), and
 `deqbench predict` predicts every case.
@@ -273,13 +273,14 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
 
 def predicted_sample(cases: Iterable[Case], policy: str) -> tuple[Case, ...]:
     """The cases with `predict` set by the [settings] predicted policy: "all", "none", or a
-    "sample": the first case of each model, size, mode and phase (every model's prediction is
-    held against its tracked bytes in every run), and every case beyond the debug size (where a
-    real step may not fit, or takes long, the prediction is what the row can rely on)."""
-    seen: set[tuple[str, str, str, str]] = set()
+    "sample": the first case of each model, size and mode (every model's prediction is held
+    against its tracked bytes in every run; a preset listing train first checks the harder
+    phase), and every case beyond the debug size (where a real step may not fit, or takes long,
+    the prediction is what the row can rely on)."""
+    seen: set[tuple[str, str, str]] = set()
     out = []
     for case in cases:
-        key = (case.model, case.size, case.mode, case.phase)
+        key = (case.model, case.size, case.mode)
         predict = policy == "all" or (policy == "sample" and (key not in seen or case.size != "debug"))
         seen.add(key)
         out.append(dataclasses.replace(case, predict=predict))

@@ -92,16 +92,14 @@ def test_presets_exist():
 
 def test_predicted_sample_is_each_models_first_case_and_every_case_beyond_debug(toy_models):
     data = matrix(model=["toy-deq", "toy-tied"], depth=[2, 4], seq_len=[8, 16], size=["debug", "big"],
-                  phase=["train", "eval"])
+                  phase=["train", "eval"], mode=["core", "lm"])
     cases = parse_matrix(data).cases
-    sampled = [c.case_id for c in cases if c.predict]
-    first = {}
-    for c in cases:
-        first.setdefault((c.model, c.size, c.mode, c.phase), c.case_id)
-    assert sampled == [c.case_id for c in cases if c.size == "big" or first[
-        (c.model, c.size, c.mode, c.phase)] == c.case_id]
-    assert "toy-tied/debug/core/train/T8/B2/L2" in sampled
-    assert "toy-tied/debug/core/train/T16/B2/L4" not in sampled
+    sampled = {c.case_id for c in cases if c.predict}
+    debug = {c.case_id for c in cases if c.size == "debug"} & sampled
+    assert debug == {"toy-deq/debug/core/train/T8/B2/broyden/implicit",
+                     "toy-deq/debug/lm/train/T8/B2/broyden/implicit",
+                     "toy-tied/debug/core/train/T8/B2/L2", "toy-tied/debug/lm/train/T8/B2/L2"}
+    assert sampled - debug == {c.case_id for c in cases if c.size == "big"}
     for policy, expected in (("all", len(cases)), ("none", 0)):
         m = parse_matrix({**data, "settings": {"predicted": policy}})
         assert sum(c.predict for c in m.cases) == expected
