@@ -24,6 +24,7 @@ from bench.errors import RunDirError, UserError, os_error
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_PRESET = "quick"
+SVG_HELP = "also write the figures as SVG (vector, searchable text; as long again as the PNGs)"
 BadInput = UserError  # what a command raises for bad input: one line, exit 2
 
 
@@ -221,15 +222,19 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
         for r in failed.itertuples():
             print(f"  {r.status:<9}{r.case_id}  {r.error or ''}")
     if not args.no_report:
-        _outputs(out)
+        _outputs(out, figure_formats(args))
     print(f"\nresults: {out}")
     return EXIT_OK
 
 
-def _outputs(out: Path) -> None:
+def figure_formats(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("png", "svg") if args.svg else ("png",)
+
+
+def _outputs(out: Path, formats: tuple[str, ...]) -> None:
     from bench.report import write_outputs
 
-    for line in write_outputs(out):
+    for line in write_outputs(out, formats):
         print(f"warning: {line}", file=sys.stderr)
 
 
@@ -244,7 +249,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from bench import plots
 
-    figures = plots.plot_run(check_run_dir(args.run_dir))
+    figures = plots.plot_run(check_run_dir(args.run_dir), formats=figure_formats(args))
     for fig in figures.made:
         print(f"wrote {fig.files[0]}")
     for name, why in figures.skipped.items():
@@ -257,7 +262,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from bench import report
 
-    path = report.write_report(check_run_dir(args.run_dir))
+    run_dir = check_run_dir(args.run_dir)
+    path = report.write_report(run_dir, formats=figure_formats(args) if args.svg else None)
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -398,6 +404,7 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", help="run only cases whose id contains or glob-matches these comma-separated patterns")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="no figures or report.md (`deqbench report D` makes them later)")
+    p.add_argument("--svg", action="store_true", help=SVG_HELP)
     p.add_argument("--threads", type=int, help="torch threads per case (default: the preset's, else all cores)")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: also run again the "
                    "cases whose row failed (oom, error, timeout); killed ones always run again")
@@ -425,12 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     _matrix_args(p)
     p.set_defaults(func=cmd_predict, device="cpu", memory_limit=None, instruments=None)
 
-    p = sub.add_parser("plot", help="draw a run's figures (PNG + SVG) from its results.csv")
+    p = sub.add_parser("plot", help="draw a run's figures (PNG; --svg: and SVG) from its results.csv")
     p.add_argument("run_dir", help="run directory holding results.csv (and env.json)")
+    p.add_argument("--svg", action="store_true", help=SVG_HELP)
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("report", help="write a run's report.md (and its figures) from its results.csv")
     p.add_argument("run_dir", help="run directory holding results.csv (and env.json)")
+    p.add_argument("--svg", action="store_true", help=SVG_HELP)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("baseline", help="a regression baseline (JSON) from a run")

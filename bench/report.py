@@ -5,8 +5,9 @@
 
 Sections: where the paper's 88% holds (a paragraph generated from the pairs, not written by
 hand), the environment, one table per family of each DEQ-baseline pair (peaks, reduction,
-slowdown, NFE), the paper comparison (ours vs PAPER.md per pair, measured or predicted), every
-figure (or why it was skipped), and the cases that did not finish with their error lines.
+slowdown, NFE), the paper comparison (ours vs PAPER.md per pair, measured or predicted), the rows
+measured by both tracked and predicted, every figure (or why it was skipped), and the cases that
+did not finish with their error lines.
 """
 
 from __future__ import annotations
@@ -38,27 +39,28 @@ KIND_WORDS = {"untied": "untied, L distinct layers", "tied": "weight-tied, one l
               "ckpt": "weight-tied with activation checkpointing", "hf": "HF GPT-2"}
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(run_dir: str | Path, formats: tuple[str, ...] | None = None) -> Path:
     """Write run_dir/report.md; figures are reused when figures/index.json matches this
-    results.csv, else drawn again. Returns the report's path."""
+    results.csv, else drawn again (PNG), or drawn in `formats` when given. Returns the path."""
     run_dir = Path(run_dir)
     run = RunView.load(run_dir)
     path = run_dir / REPORT
     if path.is_dir():  # before drawing anything
         raise RunDirError(f"{path} is a directory; move it out of the way, then run `deqbench report` again")
-    figures = plots.load_index(run_dir) or plots.plot_run(run)
+    fresh = None if formats else plots.load_index(run_dir)
+    figures = fresh or plots.plot_run(run, formats=formats or plots.DEFAULT_FORMATS)
     path.write_text(render(run, figures))
     return path
 
 
-def write_outputs(run_dir: Path) -> list[str]:
+def write_outputs(run_dir: Path, formats: tuple[str, ...] = plots.DEFAULT_FORMATS) -> list[str]:
     """Figures and report.md at the end of `deqbench run`; never raises. A figure that fails is
     skipped with its reason inside plot_run; any other failure is a warning line and the run
     still ends with 0: the measurements are on disk, and `deqbench report` redraws them."""
     from bench.errors import os_error
 
     try:
-        figures = plots.plot_run(run_dir)
+        figures = plots.plot_run(run_dir, formats=formats)
         write_report(run_dir)
     except Exception as err:  # outputs never turn a finished measurement into a failed run
         why = os_error(err) if isinstance(err, OSError) else None
@@ -79,6 +81,7 @@ def render(run: RunView, figures: plots.Figures) -> str:
     out += ["## Environment", "", *environment(run), ""]
     out += ["## DEQ vs explicit baselines", "", *pair_tables(run, p), ""]
     out += ["## The paper's pairs", "", *paper_section(run), ""]
+    out += ["## Predicted against tracked", "", *predicted_section(run), ""]
     out += ["## Figures", "", *figure_section(figures), ""]
     out += ["## Cases that did not finish", "", *failures(df), ""]
     notes = [*figures.notes]
@@ -227,6 +230,24 @@ def paper_section(run: RunView) -> list[str]:
     return [f"Our peaks at the paper's protocol ({protocol}, word embeddings excluded) beside the "
             "paper's (PAPER.md). `predicted` = fake tensors, nothing allocated; `measured` = this "
             "device's instrument.", "", *md_table(PAPER_HEADERS, rows)]
+
+
+def predicted_section(run: RunView) -> list[str]:
+    """The rows measured by both `tracked` (a real step) and `predicted` (fake tensors), the
+    difference in each: [settings] predicted says which cases a run predicts (a sample by
+    default); a DEQ's prediction runs every solve to max_iter, where the real one may stop."""
+    df = run.df
+    both = df[df["tracked_bytes"].notna() & df["predicted_bytes"].notna()]
+    policy = ((run.env.get("matrix") or {}).get("settings") or {}).get("predicted")
+    said = f" ([settings] predicted = {policy})" if policy else ""
+    if both.empty:
+        return [f"No row has both tracked and predicted bytes{said}."]
+    rows = [(f"`{r.case_id}`", format_bytes(r.tracked_bytes), format_bytes(r.predicted_bytes),
+             format_pct(number(r.predicted_bytes) / number(r.tracked_bytes) - 1))
+            for r in both.itertuples()]
+    return [f"{len(both)} of {len(df)} rows have both{said}; predicted − tracked in each. A DEQ's "
+            "prediction runs every solve to max_iter iterations; the real step may stop earlier.",
+            "", *md_table(["case", "tracked", "predicted", "difference"], rows)]
 
 
 def figure_section(figures: plots.Figures) -> list[str]:

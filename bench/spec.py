@@ -19,6 +19,13 @@ A case is one model at one shape and phase. A matrix (TOML) lists axes whose val
 `fit_seconds` on `fit_data` and records its perplexity (bench.train): every model of a matrix gets
 the same budget, so DEQs and their baselines compare at equal steps or equal wall-clock.
 
+`[settings] predicted` says which cases the `predicted` instrument (fake tensors) measures beside
+the real passes when a run uses the device's default instruments: a "sample" by default (the first
+case of each model, size and mode, and every case beyond the debug size), "all" or "none".
+`tracked` is exact on any device, so a prediction of every case only doubles a CPU run; the sample
+keeps it honest against `tracked` in every run (the report lists the rows that have both), and
+`deqbench predict` predicts every case.
+
 `model = [...]` may replace family x variant, and `config = { max_iter = 50 }` sets model config
 fields (not multiplied; checked against each model's config). DEQs have no depth and explicit models no solver or
 backward, so those axes do not multiply the cases they don't apply to. Untied explicit baselines
@@ -27,11 +34,12 @@ are parameter-matched to their family's DEQ unless `settings.match_params = fals
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,9 +55,10 @@ AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", 
         "mode", "phase")
 KEYS = (*AXES, "config")  # config: model config overrides, the same for every case of a sweep
 PHASES = ("train", "eval", "fit")
+PREDICTED = ("sample", "all", "none")  # RunSettings.predicted
 MODES = ("core", "lm")
-DTYPES = ("float32", "float64", "bfloat16", "float16")
-MAX_THREADS = 1024  # torch intra-op threads: a typo like 1000000 would start that many threads  # bench.measure.workload.DTYPES' names
+DTYPES = ("float32", "float64", "bfloat16", "float16")  # bench.measure.workload.DTYPES' names
+MAX_THREADS = 1024  # torch intra-op threads: a typo like 1000000 would start that many threads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +75,9 @@ class Case:
     solver: str | None = None  # DEQs only
     backward: str | None = None  # DEQs only
     overrides: tuple[tuple[str, Any], ...] = ()  # model config overrides, e.g. parameter matching
+    # Measure it with `predicted` too where the run uses the device's default instruments (the
+    # matrix's [settings] predicted sample); not part of the case id.
+    predict: bool = True
 
     @property
     def is_deq(self) -> bool:
@@ -145,6 +157,8 @@ class RunSettings:
     fit_seconds: float | None = None  # a wall-clock budget; fit_steps then only caps the steps
     fit_data: str = "synthetic"
     fit_lr: float | None = None
+    # Which cases `predicted` measures beside the real passes: "sample", "all" or "none" (above).
+    predicted: str = "sample"
 
     def __post_init__(self) -> None:
         def bad(key: str, what: str) -> SpecError:
@@ -165,6 +179,8 @@ class RunSettings:
                 raise bad(key, f"a positive {kind}" + (" (finite)" if kind == "number" else ""))
         if not isinstance(self.match_params, bool):
             raise bad("match_params", "true or false")
+        if self.predicted not in PREDICTED:
+            raise bad("predicted", f"one of {', '.join(PREDICTED)}")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"one of {', '.join(DTYPES)}")
         if not isinstance(self.instruments, tuple) or not all(isinstance(n, str) for n in self.instruments):
@@ -298,6 +314,7 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     unique = tuple(dict.fromkeys(cases))  # keep order, drop repeats across sweeps
     if not unique:
         raise SpecError(f"{where} expands to no cases")
+    unique = predicted_sample(unique, settings.predicted)
     return Matrix(
         name=str(data.get("name", default_name)), description=str(data.get("description", "")),
         cases=unique, settings=settings, source=source, notes=tuple(dict.fromkeys(notes)),
@@ -316,6 +333,22 @@ def _config_table(table: Mapping[str, Any], where: str) -> None:
     if axis:  # the axis would silently win over it (and the case id would say otherwise)
         raise SpecError(f"{where}: config: {axis} is an axis of the matrix: give {axis} = "
                         f"{config[axis]!r} in the sweep (or [defaults]), not in config")
+
+
+def predicted_sample(cases: Iterable[Case], policy: str) -> tuple[Case, ...]:
+    """The cases with `predict` set by the [settings] predicted policy: "all", "none", or a
+    "sample": the first case of each model, size and mode (every model's prediction is held
+    against its tracked bytes in every run; a preset listing train first checks the harder
+    phase), and every case beyond the debug size (where a real step may not fit, or takes long,
+    the prediction is what the row can rely on)."""
+    seen: set[tuple[str, str, str]] = set()
+    out = []
+    for case in cases:
+        key = (case.model, case.size, case.mode)
+        predict = policy == "all" or (policy == "sample" and (key not in seen or case.size != "debug"))
+        seen.add(key)
+        out.append(dataclasses.replace(case, predict=predict))
+    return tuple(out)
 
 
 def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
@@ -425,24 +458,45 @@ def _match(family: str, model: str, size: str, depth: int) -> tuple[tuple[str, A
     target = _deq_params(family, size)
     if target is None:
         return ()
-    import torch
-
-    with torch.device("meta"):  # parameter counts without allocating anything
+    with _meta():  # parameter counts without allocating anything
         overrides = match_params(target, depth, model=model, size=size)
     return tuple(sorted(overrides.items()))
 
 
 @functools.cache
 def _deq_params(family: str, size: str) -> int | None:
-    import torch
-
     from models import build_model, list_models, model_spec
 
     deqs = [n for n in list_models() if model_spec(n).family == family and model_spec(n).is_deq]
     if not deqs or size not in model_spec(deqs[0]).sizes:
         return None
-    with torch.device("meta"):
+    with _meta():
         return build_model(deqs[0], size, mode="core").num_params(non_embedding=True)
+
+
+@contextlib.contextmanager
+def _meta() -> Iterator[None]:
+    """Models built on the meta device, their initialisers skipped: a meta tensor has no values
+    to fill, and the meta kernels of normal_/uniform_ run Python decompositions (matching the
+    quick preset's baselines spent 3 s of a run's start in them; counts are unchanged)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    init = torch.nn.init
+    skipped = {init.normal_, init.uniform_, init.zeros_, init.ones_, init.constant_,
+               init.trunc_normal_, init.kaiming_uniform_, init.kaiming_normal_, init.xavier_uniform_,
+               init.xavier_normal_, init.orthogonal_, torch.Tensor.normal_, torch.Tensor.uniform_,
+               torch.Tensor.zero_, torch.Tensor.fill_}
+
+    class SkipInit(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in skipped:
+                return args[0] if args else kwargs["tensor"]
+            return func(*args, **kwargs)
+
+    with torch.device("meta"), SkipInit():
+        yield
 
 
 def _check_names(values: Iterable[Any], valid: Iterable[str], what: str, where: str) -> None:

@@ -57,8 +57,7 @@ def serve(conn: Connection, device: str, memory_limit: int | None, settings: dic
     run_settings = RunSettings(**settings)
     if run_settings.threads is not None:
         torch.set_num_threads(run_settings.threads)
-    if memory_limit is not None:
-        _import_everything(device, instruments)
+    _import_everything(device, instruments)
     while True:
         try:
             message = conn.recv()
@@ -112,7 +111,11 @@ def _log_to(path: str) -> None:
 
 def _import_everything(device: str, instruments: tuple[str, ...]) -> None:
     """Import what measuring imports lazily (model families, instruments, NVML, fake tensors),
-    so that a memory limit applies to the case's own allocations, not to module loading."""
+    so that a memory limit applies to the case's own allocations, not to module loading; then
+    freeze what exists (torch, sympy, ...: ~300k objects), so that the collections between passes
+    walk only what the cases made (0.15-0.3 s each otherwise)."""
+    import gc
+
     import torch._subclasses.fake_tensor
     import torch.utils.flop_counter
 
@@ -128,6 +131,9 @@ def _import_everything(device: str, instruments: tuple[str, ...]) -> None:
     param = torch.zeros(1, requires_grad=True)
     param.sum().backward()
     torch.optim.Adam([param]).step()
+    del param
+    gc.collect()
+    gc.freeze()
 
 
 class AddressSpaceLimit:

@@ -64,11 +64,12 @@ def make_instruments(items: Iterable[str | Instrument]) -> list[Instrument]:
     return [item if isinstance(item, Instrument) else make_instrument(item) for item in items]
 
 
-def default_instruments(device: torch.device | str) -> list[str]:
-    """Everything the device allows: the GPU-only ones are left out on a CPU."""
+def default_instruments(device: torch.device | str, predicted: bool = True) -> list[str]:
+    """Everything the device allows: the GPU-only ones are left out on a CPU. `predicted=False`
+    leaves out the prediction too (a case outside the matrix's predicted sample)."""
     device = torch.device(device)
     gpu = ["torch_cuda", "nvml"] if device.type == "cuda" else []
-    return [*gpu, "tracked", "predicted", "flops", "timing"]
+    return [*gpu, "tracked", *["predicted"] * predicted, "flops", "timing"]
 
 
 def measure(workload: Workload, instruments: Iterable[str | Instrument] | None = None, *,

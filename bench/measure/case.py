@@ -22,8 +22,9 @@ def measure_case(case: Case, device: str, settings: RunSettings,
 def measure_case_result(case: Case, device: str, settings: RunSettings,
                         instruments: tuple[str, ...]) -> dict[str, Any]:
     """Everything `measure()` returns for one case, extras included (e.g. the CUDA workspace a
-    torch_cuda peak holds besides the model's tensors), before it is cut down to a row."""
-    names = list(instruments) or default_instruments(device)
+    torch_cuda peak holds besides the model's tensors), before it is cut down to a row. Without
+    named instruments: every one the device allows, `predicted` only where `case.predict`."""
+    names = list(instruments) or default_instruments(device, predicted=case.predict)
     chosen = [make_instrument(n, repeats=settings.repeats, warmup=settings.warmup) if n == "timing"
               else make_instrument(n) for n in names]
     return measure(case.workload(device, settings), chosen, warmup=max(1, settings.warmup))

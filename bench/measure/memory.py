@@ -14,7 +14,7 @@ import torch
 
 from bench.measure.instrument import MEMORY, PREDICT, Instrument
 from bench.measure.tracked import LiveTensorCounter
-from bench.measure.workload import Bench
+from bench.measure.workload import Bench, ObservedFakeTensorMode
 
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes (kMinBlockSize).
 CUDA_ROUNDING = 512
@@ -117,10 +117,24 @@ class TrackedMemory(Instrument):
 
 class FakeStepCounter(LiveTensorCounter):
     """The live-storage counter for fake tensors, with fake outputs' storages made as large as
-    the real kernels' where the two are known to differ (`INPUT_SIZED_LOSSES`)."""
+    the real kernels' where the two are known to differ (`INPUT_SIZED_LOSSES`).
+
+    Hosted by the fake mode (`ObservedFakeTensorMode.observer`, see `observe`) or, over any other
+    FakeTensorMode, entered as a dispatch mode of its own (slower: a round trip per op)."""
+
+    def observe(self, func, args, kwargs, run):
+        """One op as the hosting fake mode runs it: `run()` gives its fake result."""
+        self._see_all(args)
+        self._see_all(kwargs.values())
+        out = self._as_real(func, args, kwargs, run())
+        self._see_all(out if isinstance(out, (tuple, list)) else (out,))
+        return out
 
     def _call(self, func, args, kwargs):
-        out = func(*args, **kwargs)
+        return self._as_real(func, args, kwargs, func(*args, **kwargs))
+
+    @staticmethod
+    def _as_real(func, args, kwargs, out):
         if func in INPUT_SIZED_LOSSES and _argument(func, args, kwargs, "reduction") != 0:
             out.untyped_storage().resize_(args[0].numel() * out.element_size())  # no data: meta
         return out
@@ -147,11 +161,28 @@ class PredictedMemory(TrackedMemory):
     passes = (PREDICT,)
     round_to = CUDA_ROUNDING
     counter_class = FakeStepCounter
+    _host: ObservedFakeTensorMode | None = None  # the fake mode hosting the counter
 
     def start(self, bench: Bench, pass_name: str) -> None:
         if not bench.fake:
             raise RuntimeError("predicted measures a fake bench: Bench(workload, fake=True)")
-        super().start(bench, pass_name)
+        self._host = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+        if not isinstance(self._host, ObservedFakeTensorMode) or self._host.observer is not None:
+            self._host = None
+            super().start(bench, pass_name)
+            return
+        self.counter = self.counter_class(self.round_to, device=bench.device.type)
+        self.counter.track(*bench.state())
+        self._host.observer = self.counter
+
+    def stop(self, bench: Bench, pass_name: str) -> None:
+        if self._host is None:
+            super().stop(bench, pass_name)
+            return
+        self._host.observer = None
+        self._host = None
+        assert self.counter is not None
+        self._results = self._report(bench, self.counter)
 
     def _report(self, bench: Bench, counter: LiveTensorCounter) -> dict[str, Any]:
         return {

@@ -1,7 +1,8 @@
 """`measure(workload, instruments)`: one workload through every instrument, as one result row.
 
 Order, so that no instrument disturbs another:
-1. predict: a bench of fake tensors, one warm-up step, one step under `predicted` (no allocation).
+1. predict: a bench of fake tensors, primed (the state a warm-up step leaves, made without its
+   backward: `Bench.prime`), one step under `predicted` (no allocation).
 2. the real bench is built after `prepare()` (NVML's idle baseline), warmed up by one step
    (Adam's state, lazy buffers, the allocator's cache), then
    - memory: one step under the memory instruments together (torch_cuda, nvml, tracked);
@@ -82,11 +83,13 @@ def measure(workload: Workload, chosen: Sequence[Instrument], *, warmup: int = 1
         started = time.perf_counter()
         with fake_tensors():
             bench = Bench(workload, fake=True)
-            bench.warm_up(warmup)
+            bench.prime(warmup)
             stats = run_pass(bench, joined[PREDICT], PREDICT)
             extra |= _params(bench)
             del bench
-        gc.collect()  # the fake graph is garbage now; keep it out of the real passes
+        # The fake graph is garbage now: collect it before the real passes, not during them
+        # (cheap where the process froze its imports: bench.worker, the test session).
+        gc.collect()
         extra["predict_s"] = time.perf_counter() - started
 
     real_passes = [p for p in (MEMORY, FLOPS, TIMED) if joined[p]]

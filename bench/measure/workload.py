@@ -6,7 +6,8 @@
     stats = bench.step()              # forward + backward + optimizer step -> ModelStats
 
 The same code builds a bench of fake tensors (`with fake_tensors(): Bench(workload, fake=True)`),
-which is how `predicted` sees the memory of a step without allocating it, and it is the step that
+which is how `predicted` sees the memory of a step without allocating it (`bench.prime()` gives it
+the state of a warmed-up bench at a fraction of a warm-up's cost), and it is the step that
 training (bench.train) runs on real data: `bench.feed(x, y)` before `bench.step()`, with the
 learning rate, weight decay and gradient clipping of the training recipe.
 """
@@ -68,11 +69,37 @@ class Workload:
         return self.batch * self.seq_len
 
 
+class ObservedFakeTensorMode(FakeTensorMode):
+    """A FakeTensorMode that hands each op it is asked to run to an `observer` (the `predicted`
+    counter: `observe(func, args, kwargs, run) -> out`, calling `run()` for the fake result).
+    Hosted here, an observer costs only its own bookkeeping; stacked on the fake mode as a second
+    dispatch mode it costs a Python round trip per op (+40% on a fake step). Ops the fake mode
+    runs inside an op (its decompositions) are not observed: a mode above it would not see them."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.observer: Any = None
+        self._inside = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        observer = self.observer
+        if observer is None or self._inside:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        self._inside += 1
+        try:
+            return observer.observe(
+                func, args, kwargs,
+                lambda: super(ObservedFakeTensorMode, self).__torch_dispatch__(func, types, args, kwargs))
+        finally:
+            self._inside -= 1
+
+
 @contextlib.contextmanager
-def fake_tensors() -> Iterator[FakeTensorMode]:
+def fake_tensors() -> Iterator[ObservedFakeTensorMode]:
     """Every tensor made inside is fake (shapes, no data) and every solve runs exactly max_iter
     iterations (a fake residual has no value to stop on)."""
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, fixed_iterations():
+    with ObservedFakeTensorMode(allow_non_fake_inputs=True) as mode, fixed_iterations():
         yield mode
 
 
@@ -194,6 +221,28 @@ class Bench:
             stats = self.step()
         return stats
 
+    def prime(self, steps: int = 1) -> None:
+        """What `warm_up(steps)` leaves behind, for a fake bench, at a fraction of its cost: each
+        training step's forward and loss (which make the segment memory, core-mode targets and
+        lazily made buffers) and then, instead of backward, the optimizer's step on zero gradients
+        of exactly the parameters the loss reaches (Adam makes its state as at a real first
+        step). Eval steps are forward passes: those run as they are. Fake benches only: a real
+        bench's optimizer state would hold other values than after real steps."""
+        if not self.fake:
+            raise RuntimeError("prime() is for fake benches; warm a real one up with warm_up()")
+        if self.optimizer is None:
+            self.warm_up(steps)
+            return
+        for _ in range(steps):
+            loss, stats = self._loss()
+            reached = _parameters_reached(loss)
+            del loss, stats
+            for p in reached:
+                p.grad = torch.zeros_like(p)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.steps += 1
+
     def static_bytes(self, round_to: int = 1) -> int:
         """Params and buffers + one gradient per trainable param + optimizer state, each storage
         rounded up to `round_to` bytes; only tensors on the bench's device type count."""
@@ -235,3 +284,21 @@ class Bench:
             loss, stats = self.model(self.inputs, targets=self.targets, **memory)
         self.memory = stats.memory
         return loss, stats
+
+
+def _parameters_reached(loss: Tensor) -> list[Tensor]:
+    """The leaves that `loss.backward()` would give a gradient: the AccumulateGrad nodes of its
+    graph (checkpointed segments included: non-reentrant checkpointing records the graph)."""
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    leaves: list[Tensor] = []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None:
+            leaves.append(leaf)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves

@@ -1,6 +1,7 @@
 """Figures of a run directory, drawn from results.csv (and env.json, train logs) alone.
 
-    plot_run("results/latest")      # -> Figures; writes figures/<name>.png (and .svg)
+    plot_run("results/latest")      # -> Figures; writes figures/<name>.png
+    plot_run("results/latest", formats=("png", "svg"))   # and a vector copy: deqbench plot --svg
     deqbench plot results/latest
 
 Each figure is a view of the tidy rows, registered by name in `registry.FIGURES` (report order):
@@ -30,7 +31,10 @@ from bench.results import RESULTS
 
 FIGURE_DIR = "figures"
 INDEX = "index.json"
-FORMATS = ("png", "svg")
+FORMATS = ("png", "svg")  # what plot_run can write
+# What it writes unless asked: SVG (with bbox_inches="tight", a second layout pass) took as long
+# again as the PNGs, which are what the report shows; `--svg` adds the vector copies.
+DEFAULT_FORMATS = ("png",)
 
 
 @dataclass
@@ -62,14 +66,18 @@ def results_hash(run_dir: Path) -> str:
 
 
 def plot_run(run_dir: str | Path | RunView, only: Iterable[str] | None = None,
-             formats: Iterable[str] = FORMATS) -> Figures:
+             formats: Iterable[str] = DEFAULT_FORMATS) -> Figures:
     """Draw every figure the run has data for into run_dir/figures; returns what was drawn and
     why the others were not, and writes figures/index.json for the report. `only` draws just
-    the named figures (no index: the set is incomplete)."""
+    the named figures (no index: the set is incomplete). `formats`: file types among FORMATS
+    (a drawn figure's files of other types are removed: they would show older results)."""
     wanted = None if only is None else set(only)
     unknown = (wanted or set()) - set(FIGURES)
     if unknown:
         raise ValueError(f"unknown figure(s) {sorted(unknown)}; valid: {', '.join(FIGURES)}")
+    formats = tuple(dict.fromkeys(formats))
+    if not formats or not set(formats) <= set(FORMATS):
+        raise ValueError(f"figure formats must be among {', '.join(FORMATS)}, got {formats}")
     run = run_dir if isinstance(run_dir, RunView) else RunView.load(run_dir)
     assert run.dir is not None, "figures are drawn into a run directory"
     plt = pyplot()
@@ -97,6 +105,7 @@ def plot_run(run_dir: str | Path | RunView, only: Iterable[str] | None = None,
             _remove_stale(out, name)
             continue
         files = []
+        _remove_stale(out, name)
         try:
             for ext in formats:
                 path = out / f"{name}.{ext}"
@@ -136,4 +145,5 @@ def _remove_stale(out: Path, name: str) -> None:
         (out / f"{name}.{ext}").unlink(missing_ok=True)
 
 
-__all__ = ["FIGURES", "FIGURE_DIR", "INDEX", "Figure", "Figures", "heading", "load_index", "plot_run"]
+__all__ = ["DEFAULT_FORMATS", "FIGURES", "FIGURE_DIR", "FORMATS", "INDEX", "Figure", "Figures", "heading",
+           "load_index", "plot_run"]

@@ -10,7 +10,7 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from bench import plots
+from bench import plots, report
 from bench.cli import main
 from bench.plots.style import line_label
 from bench.results import read_results
@@ -31,7 +31,7 @@ def quick(quick_report):
     return quick_report
 
 
-def test_every_quick_figure_is_drawn_as_png_and_svg(quick):
+def test_every_quick_figure_is_drawn_as_png(quick):
     index = plots.load_index(quick)
     assert index is not None
     assert {f.name for f in index.made} == QUICK_FIGURES
@@ -39,22 +39,39 @@ def test_every_quick_figure_is_drawn_as_png_and_svg(quick):
     assert set(index.skipped) == {"paper_pairs", "training_curves"}
     assert "paper's protocol" in index.skipped["paper_pairs"]
     for name in QUICK_FIGURES:
-        png, svg = quick / "figures" / f"{name}.png", quick / "figures" / f"{name}.svg"
+        png = quick / "figures" / f"{name}.png"
         assert png.stat().st_size > 30_000, name
         pixels = matplotlib.image.imread(png)[..., :3]
         assert pixels.std() > 0.05, f"{name}.png is (nearly) one colour"
         assert pixels.shape[1] >= 1000, f"{name}.png too narrow to read"
-        text = svg.read_text()
-        assert text.lstrip().startswith("<?xml") and "<svg" in text and len(text) > 20_000
+        assert not (quick / "figures" / f"{name}.svg").exists()  # SVG only when asked
 
 
-def test_figures_state_device_preset_batch_and_seq_len(quick):
-    svg = (quick / "figures" / "memory_vs_seq_len.svg").read_text()
-    env = json.loads((quick / "env.json").read_text())
-    # svg.fonttype none keeps the text searchable
+def test_figures_state_device_preset_batch_and_seq_len(tmp_path):
+    """As SVG (`--svg`), whose text stays searchable (svg.fonttype none)."""
+    run_dir = copy_run("quick", tmp_path / "run")
+    figures = plots.plot_run(run_dir, only=["memory_vs_seq_len"], formats=("svg",))
+    assert figures.made[0].files == ["figures/memory_vs_seq_len.svg"]
+    svg = (run_dir / "figures" / "memory_vs_seq_len.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and len(svg) > 20_000
+    env = json.loads((run_dir / "env.json").read_text())
     for text in (env["device_name"], "preset quick", "batch 2", "seq_len 32, 128",
                  "tracked (live tensor bytes)"):
         assert text in svg, text
+
+
+def test_png_by_default_svg_when_asked_and_the_report_links_what_exists(tmp_path):
+    run_dir = copy_run("quick", tmp_path / "run")
+    figures = plots.plot_run(run_dir, only=["reduction"], formats=("png", "svg"))
+    assert figures.made[0].files == ["figures/reduction.png", "figures/reduction.svg"]
+    assert "([SVG](figures/reduction.svg))" in "\n".join(report.figure_section(figures))
+    figures = plots.plot_run(run_dir, only=["reduction"])  # the default: PNG only
+    assert figures.made[0].files == ["figures/reduction.png"]
+    assert not (run_dir / "figures" / "reduction.svg").exists()  # it showed the older drawing
+    section = "\n".join(report.figure_section(figures))
+    assert "](figures/reduction.png)" in section and "SVG" not in section
+    with pytest.raises(ValueError, match="formats"):
+        plots.plot_run(run_dir, only=["reduction"], formats=("pdf",))
 
 
 def test_index_goes_stale_when_results_change(quick, tmp_path):
@@ -159,7 +176,7 @@ def test_gpu_rows_add_allocator_reserve_and_cuda_context(tmp_path):
     rewrite(run_dir, lambda df: df.assign(
         memory_source="torch_cuda", reserved_bytes=df["peak_bytes"] + 2_097_152,
         nvml_process_bytes=df["peak_bytes"] + 2_097_152 + 500_000_000))
-    figures = plots.plot_run(run_dir, only=["memory_breakdown"])
+    figures = plots.plot_run(run_dir, only=["memory_breakdown"], formats=("svg",))
     assert [f.name for f in figures.made] == ["memory_breakdown"]
     svg = (run_dir / "figures" / "memory_breakdown.svg").read_text()
     for text in ("allocator reserve (reserved − peak)", "CUDA context etc. (NVML − reserved)",
@@ -204,3 +221,13 @@ def test_a_family_missing_a_phase_gets_a_panel_that_says_so(tmp_path):
     for name in ("memory_vs_seq_len", "speed"):
         svg = (run_dir / "figures" / f"{name}.svg").read_text()
         assert "trellisnet case" in svg and "in this phase" in svg, name
+
+
+def test_svg_flag_of_report_and_plot(tmp_path, capsys):
+    run_dir = copy_run("paper", tmp_path / "paper")  # two figures: cheap to draw
+    assert main(["report", "--svg", str(run_dir)]) == 0
+    md = (run_dir / "report.md").read_text()
+    assert "(figures/paper_pairs.png)" in md and "([SVG](figures/paper_pairs.svg))" in md
+    assert main(["plot", str(run_dir)]) == 0
+    assert "wrote figures/paper_pairs.png" in capsys.readouterr().out
+    assert not (run_dir / "figures" / "paper_pairs.svg").exists()

@@ -68,6 +68,25 @@ def test_report_regenerates_every_figure_and_embeds_it(quick):
     assert "- Training curves: no training results" in md  # skipped, with the reason
 
 
+def test_predicted_section_lists_the_rows_with_both(quick, tmp_path):
+    _, md, df = quick
+    rows = tables(md)["Predicted against tracked"]
+    both = df[df["tracked_bytes"].notna() & df["predicted_bytes"].notna()]
+    assert len(rows) == len(both) > 0
+    for row in rows:
+        r = both[both["case_id"] == row["case"].strip("`")].iloc[0]
+        assert close(row["difference"], 100 * (r.predicted_bytes / r.tracked_bytes - 1), "%")
+    # a run that predicted a sample: only those rows, and the setting said
+    run_dir = copy_run("quick", tmp_path / "run")
+    sampled = df.assign(predicted_bytes=df["predicted_bytes"].where(df["phase"] == "eval"))
+    sampled.to_csv(run_dir / "results.csv", index=False)
+    view = RunView.load(run_dir)
+    view.env.setdefault("matrix", {}).setdefault("settings", {})["predicted"] = "sample"
+    section = report.predicted_section(view)
+    assert section[0].startswith(f"{(df['phase'] == 'eval').sum()} of {len(df)} rows have both "
+                                 "([settings] predicted = sample)")
+
+
 def test_pair_tables_match_the_csv(quick):
     _, md, df = quick
     parsed = tables(md)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from bench.spec import SpecError, list_presets, load_matrix, load_preset, parse_matrix
@@ -61,6 +63,8 @@ def test_missing_family_variant_combination_is_noted(toy_models):
         ({"defaults": {"seq_len": 8, "batch": 2}}, "no \\[\\[sweep\\]\\] table"),
         ({**matrix(family="toy", depth=2), "settings": {"repeats": 0}}, "repeats must be a positive integer"),
         ({**matrix(family="toy", depth=2), "settings": {"timeout": 3}}, r"unknown key\(s\) \['timeout'\]"),
+        ({**matrix(family="toy", depth=2), "settings": {"predicted": "some"}},
+         "predicted must be one of sample, all, none, got 'some'"),
         (matrix(family="toy", model="toy-deq"), "either model or family/variant"),
         (matrix(model="toy-deq", config={"max_iters": 5}), r"config: toy-deq has no config field\(s\) \['max_iters'\]"),
         (matrix(model="toy-deq", config={"max_iter": "many"}), "config: toy-deq.max_iter must be int"),
@@ -84,3 +88,30 @@ def test_matrix_file_errors(tmp_path):
 
 def test_presets_exist():
     assert {"quick", "seq-sweep", "depth-sweep", "paper", "gpu-validate"} <= set(list_presets())
+
+
+def test_predicted_sample_is_each_models_first_case_and_every_case_beyond_debug(toy_models):
+    data = matrix(model=["toy-deq", "toy-tied"], depth=[2, 4], seq_len=[8, 16], size=["debug", "big"],
+                  phase=["train", "eval"], mode=["core", "lm"])
+    cases = parse_matrix(data).cases
+    sampled = {c.case_id for c in cases if c.predict}
+    debug = {c.case_id for c in cases if c.size == "debug"} & sampled
+    assert debug == {"toy-deq/debug/core/train/T8/B2/broyden/implicit",
+                     "toy-deq/debug/lm/train/T8/B2/broyden/implicit",
+                     "toy-tied/debug/core/train/T8/B2/L2", "toy-tied/debug/lm/train/T8/B2/L2"}
+    assert sampled - debug == {c.case_id for c in cases if c.size == "big"}
+    for policy, expected in (("all", len(cases)), ("none", 0)):
+        m = parse_matrix({**data, "settings": {"predicted": policy}})
+        assert sum(c.predict for c in m.cases) == expected
+        assert [c.case_id for c in m.cases] == [c.case_id for c in cases]  # ids do not change
+
+
+def test_a_case_outside_the_sample_runs_every_instrument_but_predicted(toy_models):
+    from bench.measure.case import measure_case_result
+    from bench.spec import RunSettings
+
+    case = parse_matrix({**matrix(model="toy-tied", depth=2), "settings": {"predicted": "none"}}).cases[0]
+    row = measure_case_result(case, "cpu", RunSettings(repeats=1, warmup=0), ())
+    assert row["predicted_bytes"] is None and row["tracked_bytes"] and row["flops_per_token"]
+    sampled = dataclasses.replace(case, predict=True)
+    assert measure_case_result(sampled, "cpu", RunSettings(repeats=1, warmup=0), ())["predicted_bytes"]
