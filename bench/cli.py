@@ -231,7 +231,7 @@ def figure_formats(args: argparse.Namespace) -> tuple[str, ...]:
     return ("png", "svg") if args.svg else ("png",)
 
 
-def _outputs(out: Path, formats: tuple[str, ...]) -> None:
+def _outputs(out: Path, formats: tuple[str, ...] = ("png",)) -> None:
     from bench.report import write_outputs
 
     for line in write_outputs(out, formats):
