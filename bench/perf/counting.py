@@ -1,0 +1,92 @@
+"""Counters for what a solve does besides arithmetic: host reads (syncs) and reads of Broyden's
+history buffers. Deterministic, so tests hold the counts exactly."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values by the host: `aten._local_scalar_dense` (item(), float(),
+    bool(), `if t:`) and `Tensor.tolist()`, which reads memory without dispatching an op.
+
+    On a GPU each is a synchronisation; on a CPU it still stops the host from running ahead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._tolist = None
+
+    def __enter__(self):
+        self.count = 0
+        self._tolist = torch.Tensor.tolist
+        original = self._tolist
+
+        def counted_tolist(t, *args, **kwargs):
+            self.count += 1
+            return original(t, *args, **kwargs)
+
+        torch.Tensor.tolist = counted_tolist  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist  # type: ignore[method-assign]
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func is aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+_FACTORIES = (aten.zeros, aten.new_zeros, aten.empty, aten.new_empty, aten.zeros_like,
+              aten.empty_like, aten.full, aten.new_full)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class HistoryReads(TorchDispatchMode):
+    """Counts compute ops that read Broyden's U/V history buffers.
+
+    The buffers are recognised as the factory outputs shaped (B, memory, D); a read is a
+    non-view op taking a non-empty view of one of them as an input (not as the tensor it writes).
+    `reads` counts (op, buffer) pairs, so one bmm over U is one read of U; `ops` says which."""
+
+    def __init__(self, batch: int, memory: int, dim: int) -> None:
+        super().__init__()
+        self.shape = (batch, memory, dim)
+        self.buffers: set[int] = set()
+        self.reads = 0
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        factory = func.overloadpacket in _FACTORIES
+        if factory and isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.buffers.add(_storage_key(out))
+            return out
+        if func.is_view or not self.buffers:
+            return out
+        written = {a.name for a in func._schema.arguments
+                   if a.alias_info is not None and a.alias_info.is_write}
+        inputs = [v for a, v in zip(func._schema.arguments, args, strict=False) if a.name not in written]
+        inputs += [v for k, v in kwargs.items() if k not in written]
+        touched = set()
+        for value in tree_flatten(inputs)[0]:
+            if isinstance(value, torch.Tensor) and value.numel() > 0:
+                key = _storage_key(value)
+                if key in self.buffers:
+                    touched.add(key)
+        if touched:
+            self.reads += len(touched)
+            self.ops[str(func.overloadpacket)] += len(touched)
+        return out
