@@ -56,15 +56,19 @@ def _storage_key(t: torch.Tensor) -> int:
 class HistoryReads(TorchDispatchMode):
     """Counts compute ops that read Broyden's U/V history buffers.
 
-    The buffers are recognised as the factory outputs shaped (B, memory, D); a read is a
-    non-view op taking a non-empty view of one of them as an input (not as the tensor it writes).
-    `reads` counts (op, buffer) pairs, so one bmm over U is one read of U; `ops` says which."""
+    The buffers are recognised as the factory outputs shaped (B, memory, D). A *pass* is a
+    non-view op taking, as an input (not as the tensor it writes), a view of one buffer that
+    spans two or more stored pairs: one bmm over U[:, :k] is one pass over U. Ops that touch a
+    single pair (writing the new u, reading it back) are counted apart, in `row_reads`: they
+    move one state's worth of bytes, not the history's. `ops` says which ops made the passes."""
 
     def __init__(self, batch: int, memory: int, dim: int) -> None:
         super().__init__()
         self.shape = (batch, memory, dim)
+        self.row = batch * dim  # elements of one pair's row across the batch
         self.buffers: set[int] = set()
-        self.reads = 0
+        self.passes = 0
+        self.row_reads = 0
         self.ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
@@ -80,13 +84,16 @@ class HistoryReads(TorchDispatchMode):
                    if a.alias_info is not None and a.alias_info.is_write}
         inputs = [v for a, v in zip(func._schema.arguments, args, strict=False) if a.name not in written]
         inputs += [v for k, v in kwargs.items() if k not in written]
-        touched = set()
+        spans: dict[int, int] = {}
         for value in tree_flatten(inputs)[0]:
             if isinstance(value, torch.Tensor) and value.numel() > 0:
                 key = _storage_key(value)
                 if key in self.buffers:
-                    touched.add(key)
-        if touched:
-            self.reads += len(touched)
-            self.ops[str(func.overloadpacket)] += len(touched)
+                    spans[key] = max(spans.get(key, 0), value.numel())
+        for numel in spans.values():
+            if numel > self.row:
+                self.passes += 1
+                self.ops[str(func.overloadpacket)] += 1
+            else:
+                self.row_reads += 1
         return out

@@ -8,9 +8,9 @@ Goals of issue 18 this holds:
   converges in `--iters` iterations, so every solve makes exactly that many f calls: checked).
   Overhead per iteration = (time of one solve - time of the same number of f calls alone) / NFE,
   both timed in the same round. Printed beside it: the whole time per iteration.
-- history reads: Broyden reads its U/V history <= 4 times per iteration. Counted exactly (a
-  dispatch mode counts ops that read the buffers), and timed per iteration at 8 x 8192, where a
-  solve is bandwidth-bound, against fixed point's.
+- history reads: Broyden passes over its U/V history <= 4 times per iteration. Counted exactly
+  (a dispatch mode counts the ops that read two or more stored pairs of U or V), and timed per
+  iteration at 8 x 8192, where a solve is bandwidth-bound, against fixed point's.
 - host syncs: none per iteration where a read cannot change the result (tol <= 0, or
   `fixed_iterations()`), one every k iterations with `check_every=k`. Counted exactly.
 """
@@ -81,20 +81,25 @@ def overhead(batch: int, dim: int, iters: int, repeats: int) -> dict[str, float]
     return out
 
 
-def history_reads(dim: int = 64, batch: int = 2) -> float:
-    """Reads of U/V per Broyden update in steady state: the difference between two solve
-    lengths, so the first updates (with an empty history) do not count."""
+def history_reads(dim: int = 64, batch: int = 2, memory: int | None = None) -> tuple[float, float]:
+    """Passes over U/V per Broyden update in steady state, and single-pair reads: differences
+    between two solve lengths, so the first updates (with an empty history) do not count.
+    `memory` < the iterations makes the buffers wrap around."""
     f, z0 = trivial_map(batch, dim)
-    reads = {}
+    counts = {}
     for n in (10, 20):
-        with HistoryReads(batch, n, dim) as counter:
-            _solve(f, z0, "broyden", n)
-        reads[n] = counter.reads
+        options = {} if memory is None else {"memory": memory}
+        with HistoryReads(batch, n if memory is None else memory, dim) as counter:
+            _solve(f, z0, "broyden", n, **options)
+        counts[n] = (counter.passes, counter.row_reads)
         ops = dict(counter.ops)
-    per_update = (reads[20] - reads[10]) / 10
-    print(f"\n## Broyden history reads (dispatch-mode count, ops reading U or V): {per_update:g} per "
-          f"iteration (goal <= 4); over a 20-iteration solve: {ops}")
-    return per_update
+    passes, rows = ((counts[20][i] - counts[10][i]) / 10 for i in range(2))
+    label = "" if memory is None else f", history of {memory} pairs (wrapping around)"
+    print(f"\n## Broyden history passes per iteration{label}: {passes:g} (goal <= 4), and {rows:g} "
+          f"single-pair reads (one state's bytes each: the new u read back, and when wrapping the "
+          f"pair that leaves). Ops making the "
+          f"passes in a 20-iteration solve: {ops}")
+    return passes, rows
 
 
 def bandwidth(batch: int, dim: int, iters: int, repeats: int) -> None:
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     header("bench.perf.solvers: solver cost besides f", args.repeats)
     overhead(args.batch, args.dim, args.iters, args.repeats)
     history_reads()
+    history_reads(memory=5)
     if not args.skip_bandwidth:
         bandwidth(8, 8192, args.iters, max(5, args.repeats // 4))
     host_reads()
