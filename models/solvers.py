@@ -80,14 +80,18 @@ class SolverStats:
 
 def _rel(abs_res: list[float], f_norm: list[float]) -> list[float]:
     """abs / (||f(z)|| + eps) per sample, rounded as float32 tensors compute it (the residual
-    norms are float32): the host decides exactly as a device-side comparison would."""
-    denominator = array("f", [n + _NORM_EPS_F32 for n in f_norm])
-    return array("f", [a / d for a, d in zip(abs_res, denominator, strict=True)]).tolist()
+    norms are float32): the host decides exactly as a device-side comparison would. Above 1e-20
+    adding eps leaves a float32 unchanged, so only tinier norms need the rounded sum."""
+    return array("f", [
+        a / (n if n > 1e-20 else array("f", [n + _NORM_EPS_F32])[0])
+        for a, n in zip(abs_res, f_norm, strict=True)
+    ]).tolist()
 
 
 def _worst(values: list[float]) -> float:
-    """max, NaN if any value is NaN (as Tensor.max())."""
-    return math.nan if any(v != v for v in values) else max(values)
+    """max, NaN if any value is NaN (as Tensor.max()); residuals are >= 0, so a NaN sum says so."""
+    total = sum(values)
+    return total if total != total else max(values)
 
 
 class _Tracker:
@@ -121,33 +125,33 @@ class _Tracker:
         self.every = check_every if tol > 0 else max(check_every, UNSTOPPABLE_CHECK_EVERY)
         self.deferred = not self.fixed and self.every > 1
         if self.deferred:  # residuals wait on the device until the next read
-            self.window = torch.empty((self.every, 2, batch), device=z0.device, dtype=torch.float32)
-            self.best_res = torch.full((batch,), math.inf, device=z0.device, dtype=torch.float32)
+            # rows [abs; ||f(z)||; the residual of stop_mode], per iteration and for the best
+            self.window = torch.empty((self.every, 3, batch), device=z0.device, dtype=torch.float32)
+            self.best_norms = torch.full((3, batch), math.inf, device=z0.device, dtype=torch.float32)
             self.filled = 0
 
     @property
     def workspace_bytes(self) -> int:
-        extra = self.window.nbytes + self.best_res.nbytes if self.deferred else 0
-        return self.best_z.nbytes + self.best_norms.nbytes + extra
-
-    def _norm(self, t: Tensor) -> Tensor:
-        t = t.float() if self.to_float else t
-        return torch.linalg.vector_norm(t, dim=self.dims, dtype=self.widen)
+        return self.best_z.nbytes + self.best_norms.nbytes + (self.window.nbytes if self.deferred else 0)
 
     def update(self, z: Tensor, fz: Tensor, g: Tensor) -> bool:
         """Record iterate z with f(z)=fz and g=fz-z; return True when the solve should stop."""
         self.nfe += 1
-        norms = torch.stack((self._norm(g), self._norm(fz)))  # (2, B): ||g||, ||f(z)||
+        if self.to_float:
+            g, fz = g.float(), fz.float()
+        norm, dims, widen = torch.linalg.vector_norm, self.dims, self.widen
+        g_norm, f_norm = norm(g, dim=dims, dtype=widen), norm(fz, dim=dims, dtype=widen)  # (B,)
+        if self.deferred:
+            return self._defer(z, g_norm, f_norm)
+        norms = torch.stack((g_norm, f_norm))  # (2, B)
         if self.fixed:  # no host reads: keep the latest iterate (residuals are not looked at)
             self.best_z, self.best_norms = z, norms
             self.trace.append(math.nan)
             return False
-        if self.deferred:
-            return self._defer(z, norms)
         abs_res, f_norm = norms.tolist()  # the iteration's one host read
         rel_res = _rel(abs_res, f_norm)
         res, best = (rel_res, self.best_rel) if self.rel else (abs_res, self.best_abs)
-        improved = [r < b for r, b in zip(res, best, strict=True)]  # NaN never improves
+        improved = list(map(float.__lt__, res, best))  # NaN never improves
         if all(improved):
             self.best_z, self.best_norms = z, norms
             self.best_abs, self.best_rel = abs_res, rel_res
@@ -176,22 +180,22 @@ class _Tracker:
             return "converged"
         return None
 
-    def _defer(self, z: Tensor, norms: Tensor) -> bool:
+    def _defer(self, z: Tensor, g_norm: Tensor, f_norm: Tensor) -> bool:
         """Keep the lowest-residual iterate on the device; read the window when it is full."""
-        res = norms[0] / (norms[1] + _NORM_EPS) if self.rel else norms[0]
-        improved = res < self.best_res  # NaN never improves
+        res = g_norm / (f_norm + _NORM_EPS) if self.rel else g_norm
+        row = self.window[self.filled]
+        torch.stack((g_norm, f_norm, res), out=row)
+        improved = res < self.best_norms[2]  # NaN never improves
         if self.keep_iterate:
             self.best_z = torch.where(improved.view(-1, *[1] * (z.dim() - 1)), z, self.best_z)
-        self.best_norms = torch.where(improved, norms, self.best_norms)
-        self.best_res = torch.where(improved, res, self.best_res)
-        self.window[self.filled].copy_(norms)
+        self.best_norms = torch.where(improved, row, self.best_norms)
         self.filled += 1
         return self.filled == self.every and self._read_window(self.window.tolist())
 
     def _read_window(self, rows: list[list[list[float]]]) -> bool:
         """Judge the iterations read from the window, in order; the first verdict stands."""
         self.filled = 0
-        for abs_res, f_norm in rows:
+        for abs_res, f_norm, _ in rows:
             verdict = self._verdict(_rel(abs_res, f_norm) if self.rel else abs_res, abs_res)
             if verdict is not None and self.status == "max_iter":
                 self.status = verdict
@@ -209,7 +213,7 @@ class _Tracker:
                     self._read_window(rows)
                 else:  # stopped at a read: the window is empty
                     assert not rows
-                self.best_abs, self.best_rel = best[0], _rel(*best)
+                self.best_abs, self.best_rel = best[0], _rel(best[0], best[1])
             abs_res, rel_res = _worst(self.best_abs), _worst(self.best_rel)
         best = rel_res if self.stop_mode == "rel" else abs_res
         trace_best = min(range(len(self.trace)), key=self.trace.__getitem__) if self.trace else -1

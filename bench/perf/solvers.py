@@ -139,6 +139,21 @@ def host_reads(iters: int = 12, batch: int = 2, dim: int = 64) -> dict[tuple[str
     return counts
 
 
+def deferred_timing(batch: int, dim: int, iters: int, repeats: int) -> None:
+    """Per-iteration time reading the residuals every iteration, every 4, or (tol <= 0) every
+    16. On a CPU a read costs no more than any op; the point of fewer reads is a GPU's queue."""
+    f, z0 = trivial_map(batch, dim)
+    regimes = {"every iteration": {}, "check_every=4": {"check_every": 4}, "tol=0 (every 16)": {"tol": 0.0}}
+    print(f"\n## host reads and time: (B, D) = ({batch}, {dim}), {iters} iterations, per iteration")
+    for s in SOLVERS:
+        variants = {name: (lambda s=s, o=o: _solve(f, z0, s, iters, **o)) for name, o in regimes.items()}
+        t = interleaved(variants, repeats)
+        base = t["every iteration"]
+        cells = [f"{name} {spread([x / iters for x in t[name]], 1e6, ' us')}" for name in regimes]
+        rel = [f"{name}: {spread(ratios(t[name], base))}x" for name in list(regimes)[1:]]
+        print(f"{s:<12}" + "; ".join(cells) + " | vs every iteration: " + ", ".join(rel))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=41)
@@ -155,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_bandwidth:
         bandwidth(8, 8192, args.iters, max(5, args.repeats // 4))
     host_reads()
+    deferred_timing(args.batch, args.dim, args.iters, max(5, args.repeats // 2))
     return 0
 
 
