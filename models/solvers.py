@@ -358,8 +358,10 @@ def broyden(
     dim = z.shape[2]
     memory = max_iter if memory is None else memory
     f_flat, track = _flat(f, z0.shape), _Tracker(z, tol, stop_mode, check_every)
-    U = z.new_zeros(batch, memory, dim)
-    V = z.new_zeros(batch, memory, dim)
+    # Only pairs already written are ever read: no need to zero the buffers (at paper sizes
+    # they are hundreds of MB).
+    U = z.new_empty(batch, memory, dim)
+    V = z.new_empty(batch, memory, dim)
 
     fz = f_flat(z)
     g = fz - z
