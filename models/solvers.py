@@ -252,6 +252,7 @@ def fixed_point(
         if track.update(z, fz, fz - z):
             break
         z = fz if tau == 1.0 else torch.lerp(z, fz, tau)
+        del fz  # not needed while f runs
     return track.finish("fixed_point", z0.shape, 0)
 
 
@@ -319,6 +320,7 @@ def anderson(
         w.col.copy_(gram.transpose(1, 2))
         if n == 1:
             z = fz if beta == 1.0 else z + beta * g
+            del fz  # in F now: not needed while f runs
             continue
         scale = w.diag.mean(2, keepdim=True).add_(1e-300)  # (B, 1, 1)
         system = torch.addcmul(w.system, scale, w.ridge, value=lam)
@@ -328,6 +330,7 @@ def anderson(
         z = torch.bmm(alpha, w.F)
         if beta != 1.0:
             z = z - (1.0 - beta) * torch.bmm(alpha, w.G)
+        del fz, gram, system, solution, alpha  # not needed while f runs
     workspace = F.nbytes + G.nbytes + A.nbytes + rhs.nbytes
     return track.finish("anderson", z0.shape, workspace)
 
@@ -370,37 +373,47 @@ def broyden(
     n = 0  # pairs stored
     while not stop and track.nfe < max_iter:
         z = z + dz
+        del fz, g  # not needed while f runs (the tracker keeps what it needs)
         fz = f_flat(z)
         g = fz - z
         stop = track.update(z, fz, g)
         if stop or track.nfe >= max_iter:
             break
-        k, slot, wraps = min(n, memory), n % memory, n >= memory
-        u_slot, v_slot = U.narrow(1, slot, 1), V.narrow(1, slot, 1)  # (B, 1, D)
-        if k:
-            Uk, Vk = U.narrow(1, 0, k), V.narrow(1, 0, k)  # (B, k, D)
-            dzU = torch.bmm(dz, Uk.transpose(1, 2))  # (B, 1, k): dz . u_i
-            gV = torch.bmm(g, Vk.transpose(1, 2))  # (B, 1, k): v_i . g
-            # v^T = dz^T J^-1 = -dz^T + (dz . u_i) v_i^T; in place unless its slot is still read
-            v = torch.baddbmm(dz, dzU, Vk, beta=-1, out=None if wraps else v_slot)
-            step = torch.baddbmm(g, gV, Uk, alpha=-1)  # -J^-1 g = g - u_i (v_i . g)
-        else:
-            v, step = torch.neg(dz, out=v_slot), g
-        # dz - J^-1 dg = step, v . dg = dz . (dz - step), v . g = -dz . step
-        dz_t = dz.transpose(1, 2)
-        dz_step = torch.bmm(step, dz_t)  # (B, 1, 1)
-        v_dg = torch.baddbmm(dz_step, dz, dz_t, beta=-1)
-        # A vanishing v . dg (its reciprocal overflows) means no information: skip the update (u = 0).
-        inverse = v_dg.reciprocal_().nan_to_num_(0.0, 0.0, 0.0)
-        new_step = step
-        if wraps:  # the pair in `slot` leaves the history: take its term out of the step
-            new_step = torch.addcmul(step, u_slot, gV.narrow(2, slot, 1))
-            v_slot.copy_(v)
-        torch.mul(step, inverse, out=u_slot)  # u = (dz - J^-1 dg) / (v . dg)
-        # the step with the new pair: -J^-1 g - u (v . g)
-        dz = torch.addcmul(new_step, u_slot, dz_step)
+        dz = _broyden_update(U, V, n, dz, g)
         n += 1
     return track.finish("broyden", z0.shape, U.nbytes + V.nbytes)
+
+
+def _broyden_update(U: Tensor, V: Tensor, n: int, dz: Tensor, g: Tensor) -> Tensor:
+    """Store pair n + 1 for the step dz that led to residual g; return the next step -J^-1 g.
+
+    Its temporaries die on return, before the next call of f (which, in a backward solve, is a
+    VJP holding the graph: the moment a DEQ's memory peaks)."""
+    memory = U.shape[1]
+    k, slot, wraps = min(n, memory), n % memory, n >= memory
+    u_slot, v_slot = U.narrow(1, slot, 1), V.narrow(1, slot, 1)  # (B, 1, D)
+    if k:
+        Uk, Vk = U.narrow(1, 0, k), V.narrow(1, 0, k)  # (B, k, D)
+        dzU = torch.bmm(dz, Uk.transpose(1, 2))  # (B, 1, k): dz . u_i
+        gV = torch.bmm(g, Vk.transpose(1, 2))  # (B, 1, k): v_i . g
+        # v^T = dz^T J^-1 = -dz^T + (dz . u_i) v_i^T; in place unless its slot is still read
+        v = torch.baddbmm(dz, dzU, Vk, beta=-1, out=None if wraps else v_slot)
+        step = torch.baddbmm(g, gV, Uk, alpha=-1)  # -J^-1 g = g - u_i (v_i . g)
+    else:
+        v, step = torch.neg(dz, out=v_slot), g
+    # dz - J^-1 dg = step, v . dg = dz . (dz - step), v . g = -dz . step
+    dz_t = dz.transpose(1, 2)
+    dz_step = torch.bmm(step, dz_t)  # (B, 1, 1)
+    v_dg = torch.baddbmm(dz_step, dz, dz_t, beta=-1)
+    # A vanishing v . dg (its reciprocal overflows) means no information: skip the update (u = 0).
+    inverse = v_dg.reciprocal_().nan_to_num_(0.0, 0.0, 0.0)
+    new_step = step
+    if wraps:  # the pair in `slot` leaves the history: take its term out of the step
+        new_step = torch.addcmul(step, u_slot, gV.narrow(2, slot, 1))
+        v_slot.copy_(v)
+    torch.mul(step, inverse, out=u_slot)  # u = (dz - J^-1 dg) / (v . dg)
+    # the step with the new pair: -J^-1 g - u (v . g)
+    return torch.addcmul(new_step, u_slot, dz_step)
 
 
 SOLVERS: dict[str, Callable[..., tuple[Tensor, SolverStats]]] = {}

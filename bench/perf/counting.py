@@ -49,6 +49,23 @@ _FACTORIES = (aten.zeros, aten.new_zeros, aten.empty, aten.new_empty, aten.zeros
               aten.empty_like, aten.full, aten.new_full)
 
 
+class OpCount(TorchDispatchMode):
+    """Counts every aten op dispatched inside, views included: at small states a solver's time is
+    its number of ops (a few microseconds each), whatever they compute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 

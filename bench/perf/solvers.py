@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bench.measure.timing import summarize
-from bench.perf.counting import HistoryReads, HostReads
+from bench.perf.counting import HistoryReads, HostReads, OpCount
 from bench.perf.paired import header, interleaved, ratios, set_one_thread, spread
 from models.solvers import fixed_iterations, solve, solver_options
 
@@ -79,6 +79,23 @@ def overhead(batch: int, dim: int, iters: int, repeats: int) -> dict[str, float]
         print(f"{s} / fixed_point overhead per iteration: {spread(r)}x  (goal <= 2x); "
               f"whole time per iteration: {spread(ratios(per_iter[s], per_iter['fixed_point']))}x")
     return out
+
+
+def ops_per_iteration(batch: int, dim: int) -> dict[str, float]:
+    """aten ops (views included) per iteration, f's one op included: the difference between a
+    20- and a 10-iteration solve. Deterministic, unlike the timings."""
+    f, z0 = trivial_map(batch, dim)
+    per_iteration = {}
+    for s in SOLVERS:
+        totals = []
+        for n in (10, 20):
+            with OpCount() as count:
+                _solve(f, z0, s, n)
+            totals.append(count.total)
+        per_iteration[s] = (totals[1] - totals[0]) / 10
+    print("aten ops per iteration (f's one op included; views count): "
+          + ", ".join(f"{s} {n:g}" for s, n in per_iteration.items()))
+    return per_iteration
 
 
 def history_reads(dim: int = 64, batch: int = 2, memory: int | None = None) -> tuple[float, float]:
@@ -165,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     set_one_thread()
     header("bench.perf.solvers: solver cost besides f", args.repeats)
     overhead(args.batch, args.dim, args.iters, args.repeats)
+    ops_per_iteration(args.batch, args.dim)
     history_reads()
     history_reads(memory=5)
     if not args.skip_bandwidth:
