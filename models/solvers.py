@@ -98,7 +98,9 @@ class _Tracker:
     """Residuals, lowest-residual iterate, stopping and divergence; shared by every solver.
 
     Per iteration on the device: two norms, stacked as one (2, B) float32 tensor [abs; ||f(z)||].
-    Checked every iteration, that tensor is the one thing read; the comparisons run on the host."""
+    Checked every iteration, that tensor is the one thing read; the comparisons run on the host.
+    Deferred (check_every > 1, or tol <= 0), each iteration's norms go into a window read once it
+    is full, and the comparison with the best so far runs on the device."""
 
     def __init__(self, z0: Tensor, tol: float, stop_mode: str, check_every: int = 1,
                  keep_iterate: bool = True) -> None:
@@ -148,8 +150,8 @@ class _Tracker:
             self.best_z, self.best_norms = z, norms
             self.trace.append(math.nan)
             return False
-        abs_res, f_norm = norms.tolist()  # the iteration's one host read
-        rel_res = _rel(abs_res, f_norm)
+        abs_res, f_norms = norms.tolist()  # the iteration's one host read
+        rel_res = _rel(abs_res, f_norms)
         res, best = (rel_res, self.best_rel) if self.rel else (abs_res, self.best_abs)
         improved = list(map(float.__lt__, res, best))  # NaN never improves
         if all(improved):
@@ -207,12 +209,8 @@ class _Tracker:
             abs_res = rel_res = math.nan
         else:
             if self.deferred:  # one read: what is left of the window, and the returned iterate's norms
-                filled = self.filled
-                *rows, best = torch.cat((self.window[:filled], self.best_norms[None])).tolist()
-                if self.status == "max_iter":
-                    self._read_window(rows)
-                else:  # stopped at a read: the window is empty
-                    assert not rows
+                *rows, best = torch.cat((self.window[: self.filled], self.best_norms[None])).tolist()
+                self._read_window(rows)  # empty if the solve stopped at a read
                 self.best_abs, self.best_rel = best[0], _rel(best[0], best[1])
             abs_res, rel_res = _worst(self.best_abs), _worst(self.best_rel)
         best = rel_res if self.stop_mode == "rel" else abs_res
