@@ -322,7 +322,9 @@ def anderson(
             continue
         scale = w.diag.mean(2, keepdim=True).add_(1e-300)  # (B, 1, 1)
         system = torch.addcmul(w.system, scale, w.ridge, value=lam)
-        solution = torch.linalg.solve_ex(system, w.rhs)[0]  # (B, n + 1, 1); never raises
+        # never raises; on a CPU its kernel checks the LU pivots with two reads of its own (CUDA's
+        # does not), about a third of an Anderson iteration's overhead at small states
+        solution = torch.linalg.solve_ex(system, w.rhs)[0]  # (B, n + 1, 1)
         alpha = solution[:, 1:].transpose(1, 2).to(z.dtype)  # (B, 1, n)
         # z_next = sum_i alpha_i (z_i + beta g_i) = alpha F - (1 - beta) alpha G
         z = torch.bmm(alpha, w.F)

@@ -1,6 +1,6 @@
 """A DEQ training step against its floor: what the step costs beyond f, its VJPs and the rest.
 
-    python -m bench.perf.deq_step [--repeats 21] [--paper] [--paper-repeats 3]
+    python -m bench.perf.deq_step [--repeats 21] [--paper] [--paper-repeats 3] [--clock wall|cpu]
 
 Goal of issue 18 this holds: a DEQ step (forward + loss + backward; no optimizer step) costs
 <= 1.3x its floor at the debug size and <= 1.05x at the paper sizes. The floor is what any
@@ -28,7 +28,15 @@ import torch
 from torch import Tensor
 
 from bench.measure.timing import summarize
-from bench.perf.paired import header, interleaved, ratios, set_one_thread, spread
+from bench.perf.paired import (
+    add_clock_argument,
+    header,
+    interleaved,
+    ratios,
+    set_one_thread,
+    spread,
+    use_clock,
+)
 from models import build_model
 from models.stats import ModelStats
 
@@ -155,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", action="store_true", help="also the paper sizes (slow on a CPU)")
     parser.add_argument("--paper-repeats", type=int, default=3)
     parser.add_argument("--only-paper", action="store_true")
+    add_clock_argument(parser)
     args = parser.parse_args(argv)
     set_one_thread()
+    use_clock(args.clock)
     header("bench.perf.deq_step: a DEQ training step (forward + loss + backward) against its floor",
            args.repeats)
     print("# models built with their default solver settings (Broyden, implicit backward), core mode, "

@@ -1,6 +1,6 @@
 """What the solvers cost besides f: per-iteration overhead, Broyden's history reads, host syncs.
 
-    python -m bench.perf.solvers [--repeats 41] [--iters 30] [--batch 2] [--dim 1024]
+    python -m bench.perf.solvers [--repeats 41] [--iters 30] [--batch 2] [--dim 1024] [--clock wall|cpu]
 
 Goals of issue 18 this holds:
 - overhead: Broyden's and Anderson's per-iteration overhead <= 2x fixed point's on a trivial f.
@@ -26,7 +26,15 @@ from torch import Tensor
 
 from bench.measure.timing import summarize
 from bench.perf.counting import HistoryReads, HostReads, OpCount
-from bench.perf.paired import header, interleaved, ratios, set_one_thread, spread
+from bench.perf.paired import (
+    add_clock_argument,
+    header,
+    interleaved,
+    ratios,
+    set_one_thread,
+    spread,
+    use_clock,
+)
 from models.solvers import fixed_iterations, solve, solver_options
 
 SOLVERS = ("fixed_point", "broyden", "anderson")
@@ -178,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--skip-bandwidth", action="store_true", help="skip the 8 x 8192 timing")
+    add_clock_argument(parser)
     args = parser.parse_args(argv)
     set_one_thread()
+    use_clock(args.clock)
     header("bench.perf.solvers: solver cost besides f", args.repeats)
     overhead(args.batch, args.dim, args.iters, args.repeats)
     ops_per_iteration(args.batch, args.dim)
