@@ -159,3 +159,24 @@ def test_no_cuda_sync_under_fixed_iterations(solver):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert not [w for w in caught if "synchroniz" in str(w.message)]
+
+
+def test_check_every_from_a_model_config():
+    """The DEQ models take check_every as a config field, like every DEQSettings field."""
+    from models import build_model
+
+    x, direction = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    reads, grads = {}, {}
+    for k in (1, 4):
+        torch.manual_seed(0)  # the same weights
+        model = build_model("deq-transformer", "debug", mode="core", check_every=k)
+        assert model.deq.solver_options == ({} if k == 1 else {"check_every": 4})
+        with HostReads() as counter:
+            out, stats = model(x)
+            (out * direction).sum().backward()  # (LN outputs make mean(z^2) nearly flat)
+        reads[k] = (counter.count, stats.nfe_forward + stats.nfe_backward)
+        grads[k] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert reads[1][0] == reads[1][1]  # one read per iteration
+    assert reads[4][0] <= reads[4][1] // 4 + 2  # one per 4 iterations and one per solve
+    # a few more iterations at most: the same gradient to the solvers' tolerance
+    assert ((grads[4] - grads[1]).norm() / grads[1].norm()).item() < 1e-3
