@@ -1,6 +1,6 @@
 """Our DEQ engine against torchdeq 0.1.0 on one transformer-like cell, interleaved in one process.
 
-    python -m bench.peers.torchdeq_compare [--out DIR] [--reps 15]
+    python -m bench.peers.torchdeq_compare [--out DIR] [--reps 15] [--clock wall|cpu]
 
 Same cell, same solver, same iteration caps and tolerances (stop modes set explicitly on both;
 torchdeq asked for implicit gradients with `ift=True`, in both of its implementations: the
@@ -18,7 +18,6 @@ import argparse
 import copy
 import csv
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +28,14 @@ from torch import Tensor, nn
 
 from bench.measure.timing import summarize
 from bench.measure.tracked import LiveTensorCounter
-from bench.perf.paired import interleaved, ratios
+from bench.perf.paired import (
+    CLOCKS,
+    add_clock_argument,
+    current_clock,
+    interleaved,
+    ratios,
+    use_clock,
+)
 from models.deq import DEQ
 from models.solvers import solve
 
@@ -164,6 +170,7 @@ def compare(batch: int = 8, seq: int = 64, d: int = 128, heads: int = 2, reps: i
     x = torch.randn(batch, seq, d)
     target = torch.randn(batch, seq, d)
     reference = _reference_grads(cell, x, target)
+    clock = CLOCKS[current_clock()]
     rows = []
     for solver in solvers:
         impls = {"deq-bench": _ours(solver), "torchdeq": _torchdeq(solver, hook=False),
@@ -174,9 +181,9 @@ def compare(batch: int = 8, seq: int = 64, d: int = 128, heads: int = 2, reps: i
                 _step(cell, run, x, target)
         for _ in range(reps):  # interleaved: drift hits every implementation alike
             for name, run in impls.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 _step(cell, run, x, target)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
         for name, run in impls.items():
             grads = _grads(cell, run, x, target)
             nfe_f, nfe_b = run.nfe()
@@ -261,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both libraries (default 1: stable on shared cores)")
+    add_clock_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    use_clock(args.clock)
     try:
         import torchdeq  # noqa: F401
     except ImportError:
@@ -287,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = capture("cpu", ["python", "-m", "bench.peers.torchdeq_compare", *(argv or sys.argv[1:])])
     env["torch_threads"] = torch.get_num_threads()
+    env["clock"] = current_clock()
     write_json(args.out / "torchdeq_env.json", env)
     print(f"{'impl':<14}{'solver':<10}{'step ms':>9}{'iqr ms':>8}{'peak MB':>9}{'nfe f/b':>10}"
           f"{'grad err':>10}{'solver%':>8}")

@@ -24,6 +24,10 @@ def use_clock(name: str) -> None:
     _clock[0] = name
 
 
+def current_clock() -> str:
+    return _clock[0]
+
+
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int,
                 warmup: int = 2) -> dict[str, list[float]]:
     """Seconds of each variant per round, `repeats` rounds after `warmup` untimed ones."""
