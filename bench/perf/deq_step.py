@@ -22,12 +22,14 @@ sequence length 150, core mode, the first segment (no Transformer-XL memory), a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from bench.measure.timing import summarize
+from bench.perf.counting import OpCount
 from bench.perf.paired import (
     add_clock_argument,
     header,
@@ -83,6 +85,7 @@ class StepFloor:
     step: list[float]
     floor: list[float]
     parts: dict[str, list[float]]
+    ops: tuple[int, int] = (0, 0)  # aten ops (views included) of one step, and of its floor
 
     @property
     def ratio(self) -> list[float]:
@@ -131,6 +134,13 @@ def measure(model_name: str, size: str, batch: int, seq_len: int, repeats: int,
             (g,) = torch.autograd.grad(z_out, z_in, v, retain_graph=True)
             g.add_(v)
 
+    with OpCount() as step_ops:
+        step()
+    floor_ops = 0
+    for run, times in ((lambda: step(known), 1), (lambda: f(z_star), nfe_f), (vjps, 1)):
+        with OpCount() as count, torch.no_grad() if times == nfe_f else contextlib.nullcontext():
+            run()
+        floor_ops += count.total * times
     seen: list[tuple[int, int]] = []
 
     def full() -> None:
@@ -143,7 +153,7 @@ def measure(model_name: str, size: str, batch: int, seq_len: int, repeats: int,
         raise RuntimeError(f"NFE changed between rounds: {sorted(set(seen))}")
     floor = [a + b + c for a, b, c in zip(t["outer"], t["f"], t["vjp"], strict=True)]
     return StepFloor(f"{model_name}/{size}/B{batch}/T{seq_len}", nfe_f, nfe_b, t["step"], floor,
-                     {"outer": t["outer"], "f": t["f"], "vjp": t["vjp"]})
+                     {"outer": t["outer"], "f": t["f"], "vjp": t["vjp"]}, (step_ops.total, floor_ops))
 
 
 def report(result: StepFloor, goal: float) -> None:
@@ -153,6 +163,10 @@ def report(result: StepFloor, goal: float) -> None:
     print(f"  floor {spread(result.floor, 1e3, ' ms')} = outer {spread(result.parts['outer'], 1e3, ' ms')}"
           f" + {result.nfe_forward} f {spread(result.parts['f'], 1e3, ' ms')}"
           f" + {result.nfe_backward} VJP {spread(result.parts['vjp'], 1e3, ' ms')}")
+    step_ops, floor_ops = result.ops
+    print(f"  aten ops (views included; deterministic): step {step_ops}, floor {floor_ops}: "
+          f"{(step_ops - floor_ops) / (result.nfe_forward + result.nfe_backward):.1f} beyond the floor "
+          f"per solver iteration")
     verdict = "met" if med <= goal else "not met"
     print(f"  step / floor {spread(result.ratio)}x  (goal <= {goal}x: {verdict})")
 

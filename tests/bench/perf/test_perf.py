@@ -29,6 +29,8 @@ def test_deq_step_floor_is_measured_from_the_step_itself():
     result = deq_step.measure("deq-trellisnet", "debug", 2, 8, repeats=2, warmup=1)
     assert result.nfe_forward > 0 and result.nfe_backward > 0
     assert len(result.step) == len(result.floor) == 2 and all(r > 0 for r in result.ratio)
+    step_ops, floor_ops = result.ops
+    assert step_ops > floor_ops > 0  # the solvers' own ops, beyond f, its VJPs and the rest
     parts = result.parts
     for i in range(2):
         assert result.floor[i] == pytest.approx(parts["outer"][i] + parts["f"][i] + parts["vjp"][i])
