@@ -64,6 +64,9 @@ class DEQSettings:
     # the official DEQ language models do (models/chunked.py says what changes).
     subseq_len: int | None = None
     empty_cache: bool = False  # torch.cuda.empty_cache() in every implicit backward on CUDA
+    # Read residuals on the host (a GPU sync) every k solver iterations instead of every one; a
+    # solve then stops up to k - 1 iterations late. Forward and backward solves alike.
+    check_every: int = 1
 
 
 class DEQ:
@@ -112,11 +115,14 @@ class DEQ:
     @classmethod
     def from_config(cls, config: DEQSettings) -> DEQ:
         def options(solver: str) -> dict[str, float]:
+            found: dict[str, float] = {}
             if solver == "broyden" and config.broyden_memory is not None:
-                return {"memory": config.broyden_memory}
+                found["memory"] = config.broyden_memory
             if solver == "anderson":
-                return {"m": config.anderson_m}
-            return {}
+                found["m"] = config.anderson_m
+            if config.check_every != 1:
+                found["check_every"] = config.check_every
+            return found
 
         b_solver = config.b_solver or config.solver
         return cls(
@@ -216,7 +222,7 @@ def _phantom(deq: DEQ, f: Function, z_star: Tensor, stats: ModelStats) -> tuple[
 def _unrolled(deq: DEQ, f: Function, z0: Tensor, stats: ModelStats) -> tuple[Tensor, ModelStats]:
     z = z0
     flat = z0.reshape(z0.shape[0], -1)
-    track = _Tracker(flat.detach(), deq.tol, deq.stop_mode)
+    track = _Tracker(flat.detach(), deq.tol, deq.stop_mode, keep_iterate=False)  # stats only
     for _ in range(deq.max_iter):
         fz = f(z)
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Our DEQ engine against torchdeq 0.1.0 on one transformer-like cell, interleaved in one process.
 
-    python -m bench.peers.torchdeq_compare [--out DIR] [--reps 15]
+    python -m bench.peers.torchdeq_compare [--out DIR] [--reps 15] [--clock wall|cpu]
 
 Same cell, same solver, same iteration caps and tolerances (stop modes set explicitly on both;
 torchdeq asked for implicit gradients with `ift=True`, in both of its implementations: the
@@ -8,7 +8,8 @@ default autograd.Function, which re-runs f in backward, and `hook_ift=True`). Pe
 and solver: median step time (forward + backward) with IQR, tracked peak bytes, forward and
 backward NFE, gradient error against autograd through 500 unrolled float64 iterations, and the
 solver's own overhead (time outside f and its VJPs), measured on a trivial f of the same state
-shape. Writes `torchdeq.csv` and `torchdeq_overhead.csv`; prints the ratios.
+shape with both libraries making the same number of f calls (counted, and printed). Writes
+`torchdeq.csv` and `torchdeq_overhead.csv`; prints the ratios.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,13 +26,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.measure.timing import summarize
 from bench.measure.tracked import LiveTensorCounter
+from bench.perf.paired import (
+    CLOCKS,
+    add_clock_argument,
+    current_clock,
+    interleaved,
+    ratios,
+    use_clock,
+)
 from models.deq import DEQ
 from models.solvers import solve
 
 SOLVER_NAMES = {"broyden": "broyden", "anderson": "anderson", "fixed_point": "fixed_point_iter"}
 F_MAX, B_MAX, F_TOL, B_TOL, STOP = 30, 40, 1e-4, 1e-6, "rel"
 ANDERSON_M = 6  # torchdeq's default window; ours is set to match
+# The overhead solves test a tolerance no solver reaches in their iterations: both libraries read
+# the residual every iteration and run to their caps, so the f calls they make can be matched.
+OVERHEAD_TOL = 1e-12
 
 
 class Cell(nn.Module):
@@ -152,11 +163,6 @@ def _peak(cell: Cell, run, x: Tensor, target: Tensor) -> int:
     return counter.peak_bytes
 
 
-def _quartiles(xs: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(xs, n=4)
-    return statistics.median(xs), q[2] - q[0]
-
-
 def compare(batch: int = 8, seq: int = 64, d: int = 128, heads: int = 2, reps: int = 15,
             warmup: int = 3, solvers: tuple[str, ...] = ("broyden", "anderson")) -> list[Row]:
     torch.manual_seed(0)
@@ -164,6 +170,7 @@ def compare(batch: int = 8, seq: int = 64, d: int = 128, heads: int = 2, reps: i
     x = torch.randn(batch, seq, d)
     target = torch.randn(batch, seq, d)
     reference = _reference_grads(cell, x, target)
+    clock = CLOCKS[current_clock()]
     rows = []
     for solver in solvers:
         impls = {"deq-bench": _ours(solver), "torchdeq": _torchdeq(solver, hook=False),
@@ -174,55 +181,77 @@ def compare(batch: int = 8, seq: int = 64, d: int = 128, heads: int = 2, reps: i
                 _step(cell, run, x, target)
         for _ in range(reps):  # interleaved: drift hits every implementation alike
             for name, run in impls.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 _step(cell, run, x, target)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
         for name, run in impls.items():
             grads = _grads(cell, run, x, target)
             nfe_f, nfe_b = run.nfe()
             err = max(((g - r).norm() / r.norm()).item() for g, r in zip(grads, reference, strict=True))
-            median, iqr = _quartiles(times[name])
+            median, iqr = summarize(times[name])
             rows.append(Row(name, solver, median, iqr, _peak(cell, run, x, target), nfe_f, nfe_b, err, reps))
     return rows
 
 
 def solver_overhead(batch: int = 8, seq: int = 64, d: int = 128, iters: int = 20, reps: int = 30,
-                    solvers: tuple[str, ...] = ("broyden", "anderson")) -> list[dict]:
-    """Seconds per solve of `iters` iterations outside f, for f(z) = 0.5 z + x (trivial)."""
+                    solvers: tuple[str, ...] = ("broyden", "anderson", "fixed_point")) -> list[dict]:
+    """Seconds per f call spent outside f, at equal NFE, for a trivial f(z) = x + a * z.
+
+    The rates a are spread over [0, 0.9) per coordinate, so no solver converges within `iters`
+    iterations (with one isotropic rate Broyden solves the linear map exactly in a few steps and
+    stops, which made an earlier version of this comparison count 5 calls against 20). torchdeq's
+    f calls for `iters` iterations are counted (its Broyden makes one before its loop); ours runs
+    exactly as many. Per round: time of the solve minus the same number of f calls alone."""
     from torchdeq.solver import get_solver
 
-    x = torch.randn(batch, seq, d)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, seq, d, generator=g)
+    a = 0.9 * torch.rand(seq, d, generator=g)
     z0 = torch.zeros_like(x)
+    calls = [0]
 
     def f(z):
-        return 0.5 * z + x
+        calls[0] += 1
+        return torch.addcmul(x, a, z)
 
-    t0 = time.perf_counter()
-    for _ in range(200):
-        f(z0)
-    f_cost = (time.perf_counter() - t0) / 200
+    def nfe_of(run) -> int:
+        calls[0] = 0
+        run()
+        return calls[0]
+
     out = []
     for solver in solvers:
         opts = {"m": ANDERSON_M} if solver == "anderson" else {}
         theirs = get_solver(SOLVER_NAMES[solver])
-        runs = {
-            "deq-bench": lambda s=solver, o=opts: solve(f, z0, solver=s, max_iter=iters, tol=0.0, **o),
-            "torchdeq": lambda t=theirs: t(f, z0, max_iter=iters, tol=0.0, stop_mode=STOP),
-        }
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(3):
-            for fn in runs.values():
-                fn()
-        for _ in range(reps):
-            for name, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        for name in runs:
-            median, iqr = _quartiles(times[name])
-            out.append({"impl": name, "solver": solver, "iters": iters, "solve_s_median": median,
-                        "solve_s_iqr": iqr, "overhead_s": median - iters * f_cost,
-                        "overhead_per_iter_s": (median - iters * f_cost) / iters})
+
+        def run_theirs(theirs=theirs):
+            return theirs(f, z0, max_iter=iters, tol=OVERHEAD_TOL, stop_mode=STOP)
+
+        nfe = nfe_of(run_theirs)
+
+        def run_ours(solver=solver, opts=opts, nfe=nfe):
+            return solve(f, z0, solver=solver, max_iter=nfe, tol=OVERHEAD_TOL, stop_mode=STOP, **opts)
+
+        if nfe_of(run_ours) != nfe:
+            raise RuntimeError(f"{solver}: deq-bench stopped before torchdeq's {nfe} f calls")
+
+        def f_alone(nfe=nfe):
+            z = z0
+            for _ in range(nfe):
+                z = f(z)
+
+        t = interleaved({"f": f_alone, "deq-bench": run_ours, "torchdeq": run_theirs}, reps, warmup=3)
+        over = {name: [(s - f_s) / nfe for s, f_s in zip(t[name], t["f"], strict=True)]
+                for name in ("deq-bench", "torchdeq")}
+        ratio, ratio_iqr = summarize(ratios(over["deq-bench"], over["torchdeq"]))
+        for name in ("deq-bench", "torchdeq"):
+            solve_median, solve_iqr = summarize(t[name])
+            per_nfe, per_nfe_iqr = summarize(over[name])
+            out.append({"impl": name, "solver": solver, "nfe": nfe, "reps": reps,
+                        "solve_s_median": solve_median, "solve_s_iqr": solve_iqr,
+                        "overhead_per_nfe_s": per_nfe, "overhead_per_nfe_iqr_s": per_nfe_iqr,
+                        "overhead_ratio_to_torchdeq": ratio if name == "deq-bench" else 1.0,
+                        "overhead_ratio_iqr": ratio_iqr if name == "deq-bench" else 0.0})
     return out
 
 
@@ -239,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for both libraries (default 1: stable on shared cores)")
+    add_clock_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    use_clock(args.clock)
     try:
         import torchdeq  # noqa: F401
     except ImportError:
@@ -250,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(reps=args.reps)
     overhead = solver_overhead()
     # Solver share of our step: forward + backward solver overhead at the measured NFE.
-    per_iter = {(r["impl"], r["solver"]): r["overhead_per_iter_s"] for r in overhead}
+    per_iter = {(r["impl"], r["solver"]): r["overhead_per_nfe_s"] for r in overhead}
     table = []
     for r in rows:
         row = asdict(r)
@@ -265,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = capture("cpu", ["python", "-m", "bench.peers.torchdeq_compare", *(argv or sys.argv[1:])])
     env["torch_threads"] = torch.get_num_threads()
+    env["clock"] = current_clock()
     write_json(args.out / "torchdeq_env.json", env)
     print(f"{'impl':<14}{'solver':<10}{'step ms':>9}{'iqr ms':>8}{'peak MB':>9}{'nfe f/b':>10}"
           f"{'grad err':>10}{'solver%':>8}")
@@ -280,10 +312,14 @@ def main(argv: list[str] | None = None) -> int:
             them = by[(peer, solver)]
             print(f"{solver}: ours/{peer} step time {ours['step_s_median'] / them['step_s_median']:.2f}x, "
                   f"peak {ours['peak_bytes'] / them['peak_bytes']:.2f}x")
-    o = {(r["impl"], r["solver"]): r["overhead_s"] for r in overhead}
-    for solver in ("broyden", "anderson"):
-        print(f"{solver} solver overhead (trivial f, 20 iters): ours/torchdeq "
-              f"{o[('deq-bench', solver)] / o[('torchdeq', solver)]:.2f}x")
+    for r in overhead:
+        if r["impl"] == "deq-bench":
+            theirs = next(t for t in overhead if t["impl"] == "torchdeq" and t["solver"] == r["solver"])
+            print(f"{r['solver']} solver overhead per f call (trivial f, {r['nfe']} f calls on both "
+                  f"sides, {r['reps']} interleaved rounds): ours {1e6 * r['overhead_per_nfe_s']:.0f} us "
+                  f"(IQR {1e6 * r['overhead_per_nfe_iqr_s']:.0f}), torchdeq "
+                  f"{1e6 * theirs['overhead_per_nfe_s']:.0f} us (IQR {1e6 * theirs['overhead_per_nfe_iqr_s']:.0f}), "
+                  f"ours/torchdeq {r['overhead_ratio_to_torchdeq']:.2f}x (IQR {r['overhead_ratio_iqr']:.2f})")
     return 0
 
 

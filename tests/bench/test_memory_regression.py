@@ -186,8 +186,8 @@ def test_one_extra_activation_per_layer_is_caught(monkeypatch):
     """The regression tests' comparison on models changed to keep one more activation per layer.
     Every training case whose memory that raises is flagged. Eval steps keep nothing for backward
     and per-layer checkpointing drops what a layer keeps (recomputing it), so those are unchanged
-    and rightly not flagged. In a DEQ the change is one tensor beside Broyden's history (<1% of
-    the peak), flagged by `train_minus_eval_bytes`: what training adds to a forward pass."""
+    and rightly not flagged. In a DEQ the change is one tensor beside Broyden's history (about 1%
+    of the peak), flagged by `train_minus_eval_bytes`: what training adds to a forward pass."""
     baseline = cpu_baseline()
     ids = sorted(c for c in QUICK_CASES if "/T32/" in c)  # both phases, every model: seconds
     before = {c: cpu_row(c)["tracked_bytes"] for c in ids}
@@ -210,7 +210,7 @@ def test_one_extra_activation_per_layer_is_caught(monkeypatch):
         elif case.is_deq:  # implicit backward keeps one application of f: one tensor more
             assert grown == state, case_id
             metrics = {f.metric for f in findings if f.case_id == case_id}
-            assert metrics == {"train_minus_eval_bytes"}, case_id
+            assert "train_minus_eval_bytes" in metrics, case_id  # the peak too where it is > 1%
         elif case.model == "trellisnet-ckpt":  # a segment's extras while it is recomputed
             assert 0 < grown < case.depth * state, (case_id, grown)
         else:  # every layer's extra but the last one's (freed first in backward) at the peak

@@ -56,16 +56,22 @@ def test_returns_lowest_residual_iterate(solver):
 
 def test_scale_invariant_backward_like_solve():
     """A linear adjoint-like map g -> A^T g + c v: the iterates scale with c, so NFE must not
-    depend on c. Anderson with an absolute ridge stalls when c is tiny (the known torchdeq gap)."""
+    depend on c. Anderson with an absolute ridge stalls when c is tiny (the known torchdeq gap).
+
+    Broyden runs in float64: in float32 its NFE on this map wander with rounding alone (on 30
+    seeds the two scales differ by 2 to 6 steps for half of them, before and after issue 18's
+    rewrite alike; even the thread count moves them), so a float32 check would test luck."""
     d = 48
     g = torch.Generator().manual_seed(3)
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
     A = Q @ torch.diag(torch.linspace(0.1, 0.9, d)) @ Q.T
     v = torch.randn(8, d, generator=g)
     for solver in SOLVERS:
+        M, w = (A.double(), v.double()) if solver == "broyden" else (A, v)
         runs = []
         for c in (1.0, 1e-9):
-            _, stats = solve(lambda x, c=c: x @ A + c * v, c * v, solver=solver, max_iter=100, tol=1e-5)
+            _, stats = solve(lambda x, c=c, M=M, w=w: x @ M + c * w, c * w, solver=solver,
+                             max_iter=100, tol=1e-5)
             runs.append(stats)
         assert runs[0].converged and runs[1].converged, solver
         assert abs(runs[0].nfe - runs[1].nfe) <= 1, (solver, runs[0].nfe, runs[1].nfe)
