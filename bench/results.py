@@ -77,10 +77,13 @@ SCHEMA: tuple[Column, ...] = (
     Column("predicted_cuda_bytes", "int",
            "predicted_bytes with every storage rounded up to 512 B, as CUDA's caching allocator "
            "hands them out: what torch_cuda's max_memory_allocated would say"),
+    Column("nvml_process_baseline_bytes", "int",
+           "NVML: the process's GPU memory before the model is built (the CUDA context), the idle "
+           "baseline nvml_process_bytes leaves out"),
 )
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 # Columns added after the first layout: a results.csv written before them is complete without.
-LATER_COLUMNS = ("predicted_cuda_bytes",)
+LATER_COLUMNS = ("predicted_cuda_bytes", "nvml_process_baseline_bytes")
 KINDS: dict[str, str] = {c.name: c.kind for c in SCHEMA}
 CASE_COLUMNS = COLUMNS[: COLUMNS.index("phase") + 1]
 TEXT_KINDS = ("text", "json")
