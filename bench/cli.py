@@ -317,7 +317,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from bench import explain
 
     explain.run(load_matrix_arg(args), out_dir_arg(args, suffix="-explain"), resolve_device_arg("auto"),
-                progress=not args.no_progress, argv=["deqbench", *sys.argv[1:]])
+                progress=sys.stderr.isatty(), resume=args.resume, argv=["deqbench", *sys.argv[1:]])
     return EXIT_OK
 
 
@@ -481,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="every paper pair rebuilt from named factors (predicted on a CPU)")
     p.add_argument("--preset", default="paper-audit", help="a preset holding the chains' cases (default paper-audit)")
     p.add_argument("--out", help="run directory (default results/runs/<timestamp>-explain)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_explain, matrix=None, resume=False)
+    p.add_argument("--resume", action="store_true", help="finish an interrupted explain (or a paper-audit run) in --out")
+    p.set_defaults(func=cmd_explain, matrix=None)
 
     p = sub.add_parser("env", help="the environment a run would record")
     p.add_argument("--device", default="auto")

@@ -382,9 +382,11 @@ def write_explain(run_dir: str | Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def run(matrix: Matrix, out: Path, device: str, *, progress: bool, argv: list[str]) -> RunView:
+def run(matrix: Matrix, out: Path, device: str, *, progress: bool, argv: list[str],
+        resume: bool = False) -> RunView:
     """The matrix through the runner (predicted on a CPU, every instrument on a GPU), then
-    explain.csv, figures and report.md; prints each pair's summary. Returns the run's view."""
+    explain.csv, figures and report.md; prints each pair's summary. `resume` finishes the cases
+    `out` lacks (none, for a finished `deqbench run --preset paper-audit`). Returns the run's view."""
     from bench import plots, report
     from bench.analysis import RunView
     from bench.runner import RunOptions, run_matrix
@@ -393,7 +395,8 @@ def run(matrix: Matrix, out: Path, device: str, *, progress: bool, argv: list[st
     instruments = ("predicted",) if device == "cpu" else ()
     print(f"explaining {len(PAIRS)} paper pairs: {len(matrix.cases)} cases of {matrix.name} on {device} "
           f"({'predicted' if instruments else 'every instrument'}) -> {out}", flush=True)
-    run_matrix(matrix, out, RunOptions(device=device, instruments=instruments, progress=progress), argv=argv)
+    run_matrix(matrix, out, RunOptions(device=device, instruments=instruments, progress=progress), resume=resume,
+               argv=argv)
     view = RunView.load(out)
     write_explain(out, explain_table(view.df))
     view = RunView.load(out)
