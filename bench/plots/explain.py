@@ -69,8 +69,8 @@ def _waterfall(ax, rows: pd.DataFrame, side: str, paper: float) -> None:
             color = UP if delta > 0 else DOWN if delta < 0 else FLAT
             ax.bar(i, delta / GB if delta else max(paper, level) / GB * 0.004, bottom=level / GB, color=color)
             if delta:  # above a rise, below a fall: never on the neighbour's label
-                ax.text(i, after / GB, _signed(delta), ha="center",
-                        va="bottom" if delta > 0 else "top", fontsize=7)
+                ax.text(i, after / GB, f" {_signed(delta)} ", ha="center", va="bottom" if delta > 0 else "top",
+                        fontsize=7, rotation=90)
         level = after if after == after else level
     gap, n = paper - level, len(labels)
     ax.bar(n, gap / GB, bottom=level / GB, color=GAP, hatch="xx", edgecolor="#b35806")
