@@ -131,11 +131,16 @@ def _chain(key: str, baseline: Side, deq: Side, changes: Mapping[str, tuple], sa
     steps = [Step("modern", baseline, deq, "ours (bench/presets/paper.toml)", "ours (bench/presets/paper.toml)")]
     for name in list(FACTORS)[1:]:
         b, d, eb, ed = changes[name]
+        if name == "heads" and b is not None and dict(b.config).get("head") in ("adaptive", "split"):
+            eb += CLUSTERED
         steps.append(Step(name, b or steps[-1].baseline, d or steps[-1].deq, eb, ed))
     return Chain(pair, tuple(steps), (steps[-1].baseline, same_head))
 
 
 NA = "does not apply to this side"
+CLUSTERED = ("; ours normalises every tail cluster at every position (models/heads.py), the official code "
+             "gathers the positions whose target falls in a tail cluster: that data-dependent memory is not "
+             "in ours")
 DEQ_CORE = "stays in core mode: the paper's DEQ peaks leave no room for embedding and output layer (PAPER.md)"
 XL_CAPS = (f"{DEQ}run_wt103_deq_transformer.sh:30-31 (--f_thres 30 --b_thres 40), the repository's "
            f"one DEQ-Transformer script; {DEQ}modules/deq.py:72 (torch.cuda.empty_cache() in every backward)")
