@@ -37,6 +37,8 @@ from bench.results import (
     read_results,
 )
 
+EXPLAIN = "explain.csv"  # `deqbench explain`'s table beside results.csv (bench.explain writes it)
+NOT_MEASURED = "not measured"  # explain.csv's source of a step no instrument of the run could measure
 PAIR_KEY = ["family", "size", "mode", "phase", "seq_len", "batch"]
 # Columns that make a case what it is, apart from its phase: a training case and its eval twin
 # agree on all of them.
@@ -128,6 +130,19 @@ class RunView:
     @cached_property
     def quality(self) -> pd.DataFrame:
         return quality_table(self.df)
+
+    @cached_property
+    def explain(self) -> pd.DataFrame:
+        """explain.csv (`deqbench explain`: each paper pair's chain of factors, bench.explain),
+        typed; empty when the run has none."""
+        path = None if self.dir is None else self.dir / EXPLAIN
+        if path is None or not path.is_file():
+            return pd.DataFrame()
+        df = pd.read_csv(path, dtype=str, keep_default_na=False).replace("", None)
+        for c in df.columns:
+            if c.startswith(("delta_", "residual_")) or c.endswith(("_bytes", "reduction")) or c == "order":
+                df[c] = pd.to_numeric(df[c], errors="coerce")
+        return df
 
     @cached_property
     def twins(self) -> dict[str, str]:

@@ -308,6 +308,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_REGRESSION if result.failed(args.allow_missing) else EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from bench import explain
+
+    explain.run(load_matrix_arg(args), out_dir_arg(args, suffix="-explain"), resolve_device_arg("auto"),
+                progress=sys.stderr.isatty(), resume=args.resume, argv=["deqbench", *sys.argv[1:]])
+    return EXIT_OK
+
+
 # -- train ----------------------------------------------------------------------------------------
 def train_options() -> list[tuple[str, str, Callable[[str], Any], str]]:
     """(option, TrainConfig field, type, help) for every field that is an option; the help ends
@@ -470,6 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("explain", help="every paper pair rebuilt from named factors (predicted on a CPU)")
+    p.add_argument("--preset", default="paper-audit", help="a preset holding the chains' cases (default paper-audit)")
+    p.add_argument("--out", help="run directory (default results/runs/<timestamp>-explain)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted explain (or a paper-audit run) in --out")
+    p.set_defaults(func=cmd_explain, matrix=None)
 
     p = sub.add_parser("env", help="the environment a run would record")
     p.add_argument("--device", default="auto")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench import plots
+from bench import explain_text, plots
 from bench.analysis import SOURCE_LABELS, RunView, unconverged
 from bench.errors import RunDirError
 from bench.format import (
@@ -30,6 +30,7 @@ from bench.format import (
     md_table,
 )
 from bench.paper import CLAIM, PROTOCOL
+from bench.plots.explain import EXPLAIN_FIGURES
 from bench.plots.style import VARIANT_COLORS
 from bench.results import OK_STATUSES, number
 
@@ -81,8 +82,12 @@ def render(run: RunView, figures: plots.Figures) -> str:
     out += ["## Environment", "", *environment(run), ""]
     out += ["## DEQ vs explicit baselines", "", *pair_tables(run, p), ""]
     out += ["## The paper's pairs", "", *paper_section(run), ""]
+    if not run.explain.empty:  # `deqbench explain`: each pair's chain, its waterfall embedded there
+        drawn = {f.name: next((p for p in f.files if p.endswith(".png")), f.files[0]) for f in figures.made}
+        out += ["## Why the paper's numbers differ: each pair, factor by factor", "",
+                *explain_text.markdown_lines(run, drawn, figures.skipped), ""]
     out += ["## Predicted against tracked", "", *predicted_section(run), ""]
-    out += ["## Figures", "", *figure_section(figures), ""]
+    out += ["## Figures", "", *figure_section(figures, hide=EXPLAIN_FIGURES), ""]
     out += ["## Cases that did not finish", "", *failures(df), ""]
     notes = [*figures.notes]
     if notes:
@@ -250,16 +255,17 @@ def predicted_section(run: RunView) -> list[str]:
             "", *md_table(["case", "tracked", "predicted", "difference"], rows)]
 
 
-def figure_section(figures: plots.Figures) -> list[str]:
+def figure_section(figures: plots.Figures, hide: tuple[str, ...] = ()) -> list[str]:
+    """Every figure drawn or why not; `hide`: figures another section shows (or has no use for)."""
     out: list[str] = []
-    for fig in figures.made:
+    for fig in (f for f in figures.made if f.name not in hide):
         png = next((f for f in fig.files if f.endswith(".png")), fig.files[0])
         svg = next((f for f in fig.files if f.endswith(".svg")), None)
         out += [f"### {fig.heading}", "", f"![{fig.heading}]({png})", "",
                 fig.caption + (f" ([SVG]({svg}))" if svg else ""), ""]
-    if figures.skipped:
+    if set(figures.skipped) - set(hide):
         out += ["Not drawn for this run:", ""]
-        out += [f"- {plots.heading(name)}: {why}" for name, why in figures.skipped.items()]
+        out += [f"- {plots.heading(name)}: {why}" for name, why in figures.skipped.items() if name not in hide]
     return out or ["No figures."]
 
 

@@ -84,10 +84,13 @@ SCHEMA: tuple[Column, ...] = (
            "1: every solve of the measured step (forward, implicit backward) reached its "
            "tolerance; 0: one stopped above it (max_iter, or diverged), so the row's numbers are "
            "of a truncated solve; empty: no solve (explicit models, fake tensors)"),
+    Column("nvml_process_baseline_bytes", "int",
+           "NVML: the process's GPU memory before the model is built (the CUDA context), the idle "
+           "baseline nvml_process_bytes leaves out"),
 )
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 # Columns added after the first layout: a results.csv written before them is complete without.
-LATER_COLUMNS = ("predicted_cuda_bytes", "converged")
+LATER_COLUMNS = ("predicted_cuda_bytes", "converged", "nvml_process_baseline_bytes")
 KINDS: dict[str, str] = {c.name: c.kind for c in SCHEMA}
 CASE_COLUMNS = COLUMNS[: COLUMNS.index("phase") + 1]
 TEXT_KINDS = ("text", "json")

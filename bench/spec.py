@@ -364,7 +364,7 @@ def _settings(raw: Mapping[str, Any], where: str) -> RunSettings:
 
 
 def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: list[str]) -> list[Case]:
-    from models import BACKWARDS, SOLVERS, make_config, model_spec
+    from models import BACKWARDS, SOLVERS, make_config, model_spec, resolve_head
 
     models = _models_for(axes, where, notes)
     config = axes.get("config", {})  # a table: parse_matrix checked it
@@ -392,7 +392,9 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
         backwards = lists.get("backward", ["implicit"]) if spec.is_deq else [None]
         for size in sizes:
             try:
-                make_config(name, size, **dict(config))
+                built = make_config(name, size, **dict(config))
+                for mode in lists.get("mode", ["core"]):  # a head the mode contradicts fails here
+                    resolve_head(getattr(built, "head", None), mode)
             except ValueError as err:
                 raise SpecError(f"{where}: config: {err}") from None
         for size, mode, phase, seq_len, batch, depth, solver, backward in itertools.product(

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.analysis import RunView
-from bench.plots import breakdown, convergence, memory, reduction, speed, training  # noqa: F401
+from bench.plots import breakdown, convergence, explain, memory, reduction, speed, training  # noqa: F401
 from bench.plots.registry import FIGURES
 from bench.plots.style import DPI, Skip, pyplot
 from bench.results import RESULTS

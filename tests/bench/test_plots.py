@@ -12,6 +12,7 @@ import pytest
 
 from bench import plots, report
 from bench.cli import main
+from bench.plots.explain import EXPLAIN_FIGURES
 from bench.plots.style import line_label
 from bench.results import read_results
 from tests.bench.runs import copy_run
@@ -35,8 +36,8 @@ def test_every_quick_figure_is_drawn_as_png(quick):
     index = plots.load_index(quick)
     assert index is not None
     assert {f.name for f in index.made} == QUICK_FIGURES
-    # the quick preset has no paper-protocol case and no training log
-    assert set(index.skipped) == {"paper_pairs", "training_curves"}
+    # the quick preset has no paper-protocol case, no training log and no explain.csv
+    assert set(index.skipped) == {"paper_pairs", "training_curves", *EXPLAIN_FIGURES}
     assert "paper's protocol" in index.skipped["paper_pairs"]
     for name in QUICK_FIGURES:
         png = quick / "figures" / f"{name}.png"
