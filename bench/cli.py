@@ -130,7 +130,7 @@ def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
     from bench.rundir import holds_run
     from bench.runner import default_out_dir
 
-    if args.retry_failed and not args.resume:
+    if getattr(args, "retry_failed", False) and not args.resume:
         raise BadInput("--retry-failed re-runs the failed cases of a run: use it with --resume")
     if args.resume:
         out = Path(args.out) if args.out else Path("results/latest")
