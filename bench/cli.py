@@ -189,6 +189,7 @@ def cmd_env(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
     from bench.runner import RunOptions, link_latest, run_matrix, select_cases
+    from bench.verdict import verdict_lines
 
     matrix = load_matrix_arg(args)
     device = "cpu" if predict else resolve_device_arg(args.device)
@@ -216,8 +217,16 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
     if not args.out and not args.resume:
         link_latest(out)
     view = analysis.RunView.load(out)
-    for line in analysis.summary_lines(view):
-        print(line)
+    verdict = verdict_lines(view)
+    if verdict:  # the table of every pair is in report.md
+        print("verdict (memory of a training step; bench.verdict):")
+        for line in verdict:
+            print(f"  {line}")
+        for line in analysis.quality_lines(view):
+            print(line)
+    else:
+        for line in analysis.summary_lines(view):
+            print(line)
     paper = analysis.paper_lines(view)
     if paper:
         print()
@@ -230,7 +239,7 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
             print(f"  {r.status:<9}{r.case_id}  {r.error or ''}")
     if not args.no_report:
         _outputs(out)
-    print(f"\nresults: {out}")
+    print(f"\nresults: {out}" + ("" if args.no_report else f" (every pair, figures: {out / 'report.md'})"))
     return EXIT_OK
 
 

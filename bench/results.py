@@ -31,7 +31,7 @@ FAILED_STATUSES = tuple(s for s in STATUSES if s not in OK_STATUSES)
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: str  # "text" | "int" | "float" | "json" (a JSON document in one cell)
+    kind: str  # "text" | "int" | "float" | "bool" | "json" (a JSON document in one cell)
     doc: str
 
 
@@ -77,10 +77,11 @@ SCHEMA: tuple[Column, ...] = (
     Column("predicted_cuda_bytes", "int",
            "predicted_bytes with every storage rounded up to 512 B, as CUDA's caching allocator "
            "hands them out: what torch_cuda's max_memory_allocated would say"),
+    Column("timing_noisy", "bool", "step times spread more than 10% (IQR/median): read as rough"),
 )
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 # Columns added after the first layout: a results.csv written before them is complete without.
-LATER_COLUMNS = ("predicted_cuda_bytes",)
+LATER_COLUMNS = ("predicted_cuda_bytes", "timing_noisy")
 KINDS: dict[str, str] = {c.name: c.kind for c in SCHEMA}
 CASE_COLUMNS = COLUMNS[: COLUMNS.index("phase") + 1]
 TEXT_KINDS = ("text", "json")
@@ -163,7 +164,10 @@ def read_results(run_dir_or_csv: str | Path) -> pd.DataFrame:
     header, body = lines[0], [r for r in lines[1:] if len(r) == len(lines[0])]
     df = pd.DataFrame(body, columns=header).replace("", None)
     for col in df.columns:
-        if KINDS.get(col, "text") not in TEXT_KINDS:
+        kind = KINDS.get(col, "text")
+        if kind == "bool":
+            df[col] = df[col].map({"True": True, "False": False}).astype(object)
+        elif kind not in TEXT_KINDS:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 
