@@ -38,6 +38,7 @@ class TrellisNetCkptConfig(TrellisNetConfig):
 # The paper's explicit depths: 60 layers on PTB, 70 on WT103.
 SIZES = {
     "debug": {**SHAPES["debug"], "depth": 8},
+    "small": {**SHAPES["small"], "depth": 16},
     "paper-ptb": {**SHAPES["paper-ptb"], "depth": 60},
     "paper-wt103": {**SHAPES["paper-wt103"], "depth": 70},
 }

@@ -174,6 +174,7 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
         "baseline_model": merged["model_base"],
         "baseline_variant": merged["variant_base"],
         "depth": merged["depth_base"],
+        "baseline_overrides": merged["overrides_base"],  # parameter matching, config
         "baseline_status": merged["status_base"],
         "memory_source": merged["memory_source_deq"],
         "deq_peak_bytes": merged["peak_bytes_deq"],

@@ -23,7 +23,7 @@ from typing import Any
 from bench.errors import RunDirError, UserError
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
-DEFAULT_PRESET = "quick"
+DEFAULT_PRESET = "default"
 BadInput = UserError  # what a command raises for bad input: one line, exit 2
 
 

@@ -24,8 +24,8 @@ import pandas as pd
 from bench.analysis import RunView
 from bench.paper import CLAIM
 
-GROUP = ["family", "deq_model", "baseline_variant", "size", "mode", "batch", "solver", "backward",
-         "memory_source"]
+GROUP = ["family", "deq_model", "baseline_variant", "matched", "size", "mode", "batch", "solver",
+         "backward", "memory_source"]
 KINDS = {"untied": "untied", "tied": "weight-tied", "ckpt": "checkpointed", "hf": "HF GPT-2"}
 KIND_ORDER = list(KINDS)
 DEQ_NAMES = {"transformer": "DEQ-Transformer", "trellisnet": "DEQ-TrellisNet"}
@@ -57,6 +57,7 @@ class Verdict:
     family: str
     deq_model: str
     kind: str  # baseline variant: untied | tied | ckpt | hf
+    matched: bool  # an untied baseline resized to the DEQ's parameter count (at each depth)
     size: str
     mode: str
     batch: int
@@ -76,7 +77,8 @@ class Verdict:
 
     def line(self) -> str:
         name = DEQ_NAMES.get(self.family, self.deq_model)
-        head = f"{name} vs {KINDS.get(self.kind, self.kind)} ({self.size}, {self.memory_source})"
+        kind = KINDS.get(self.kind, self.kind) + (", parameter-matched" if self.matched else "")
+        head = f"{name} vs {kind} ({self.size}, {self.memory_source})"
         parts = [f"best {_pct(self.best_reduction)} at T={self.best_seq_len}, L={self.best_depth}",
                  "saves memory " + _join(self.crossovers)]
         if self.claim_reached:
@@ -99,12 +101,13 @@ def verdicts(view: RunView) -> list[Verdict]:
     if p.empty:
         return []
     p = p[p["reduction"].notna()]
+    p = p.assign(matched=(p["baseline_variant"] == "untied") & p["baseline_overrides"].notna())
     out = []
     for key, g in p.groupby(GROUP, dropna=False, sort=False):
         out.append(_verdict(dict(zip(GROUP, key, strict=True)), g))
     order = {k: i for i, k in enumerate(KIND_ORDER)}
     return sorted(out, key=lambda v: (v.family, _size_order(v.size), order.get(v.kind, 99),
-                                      v.mode, v.batch, v.memory_source))
+                                      not v.matched, v.mode, v.batch, v.memory_source))
 
 
 def verdict_lines(view: RunView) -> list[str]:
@@ -139,6 +142,7 @@ def _verdict(key: dict, g: pd.DataFrame) -> Verdict:
     per_t = [h.drop_duplicates("depth") for _, h in g.groupby("seq_len", sort=True)]
     return Verdict(
         family=key["family"], deq_model=key["deq_model"], kind=key["baseline_variant"],
+        matched=bool(key["matched"]),
         size=key["size"], mode=key["mode"], batch=int(key["batch"]),
         memory_source=key["memory_source"] if isinstance(key["memory_source"], str) else "unknown",
         best_reduction=float(best["reduction"]), best_seq_len=int(best["seq_len"]),

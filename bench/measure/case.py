@@ -24,8 +24,9 @@ def measure_case(case: Case, device: str, settings: RunSettings,
 def measure_case_result(case: Case, device: str, settings: RunSettings,
                         instruments: tuple[str, ...]) -> dict[str, Any]:
     """Everything `measure()` returns for one case, extras included (e.g. the CUDA workspace a
-    torch_cuda peak holds besides the model's tensors), before it is cut down to a row."""
-    names = list(instruments) or default_instruments(device)
+    torch_cuda peak holds besides the model's tensors), before it is cut down to a row. The
+    case's own instruments (its sweep's) win over the run's."""
+    names = list(case.instruments or instruments) or default_instruments(device)
     chosen = [make_instrument(n, repeats=settings.repeats, warmup=settings.warmup) if n == "timing"
               else make_instrument(n) for n in names]
     with warnings.catch_warnings():  # a noisy timing marks its row (timing_noisy) instead

@@ -38,8 +38,10 @@ def view(tmp_path):
                                  nfe_forward=12.0, nfe_backward=20.0))
     for (kind, t), peaks in PEAKS.items():
         for depth, peak in peaks.items():
+            matched = {"overrides": {"d_inner": 1000 // depth}} if kind == "untied" else {}
             append_row(tmp_path, row(**{**DEQ, "variant": kind, "model": MODEL[kind], "solver": None,
                                         "backward": None}, seq_len=t, depth=depth, peak_bytes=peak,
+                                     **matched,
                                      step_s_median=(0.001 if kind == "ckpt" else 0.01) * depth * t / 64))
     return RunView.load(tmp_path)
 
@@ -63,7 +65,7 @@ def test_crossovers_and_the_claim_are_interpolated_in_depth(view):
 def test_lines_say_every_number(view):
     lines = verdict_lines(view)
     assert lines == [
-        "DEQ-Transformer vs untied (small, tracked): best 88.9% at T=64, L=64; saves memory at "
+        "DEQ-Transformer vs untied, parameter-matched (small, tracked): best 88.9% at T=64, L=64; saves memory at "
         "every depth swept (L≥4, T=64); 88% from L≈59 at T=64; 1.60× faster there at NFE 12/20.",
         "DEQ-Transformer vs weight-tied (small, tracked): best 90.0% at T=256, L=64; saves memory "
         "from L≈8.0 at T=64, L≈8.0 at T=256; 88% from L≈54 at T=256; not by L=64 at T=64; "
