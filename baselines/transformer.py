@@ -27,6 +27,7 @@ from models.registry import ModelSpec, build_model, make_config, register_model
 from models.stats import ModelStats
 from models.transformer import (
     DEQ_TRANSFORMER_SIZES,
+    WT103_CUTOFFS,
     WT103_VOCAB,
     SegmentMemory,
     TransformerCell,
@@ -162,20 +163,29 @@ def _count(model: str, size: str, depth: int, overrides: dict[str, Any]) -> int:
 
 
 # Transformer-XL shapes. Non-embedding counts are checked against PAPER.md in the tests.
+# Adaptive clusters as Transformer-XL's WT103 base script (div_val 1: one table, no projections).
 TRANSFORMER_SIZES: dict[str, dict] = {
     "debug": dict(d_model=32, n_head=4, d_head=8, d_inner=128, vocab_size=256, ln_affine=True,
-                  depth=4),
+                  depth=4, cutoffs=(32, 128), div_val=2),
     "small": dict(d_model=128, n_head=4, d_head=32, d_inner=512, vocab_size=1024, ln_affine=True,
-                  depth=4),
+                  depth=4, cutoffs=(128, 512), div_val=2),
     # 4.9M: "Transformer-XL small, 4 layers", at the small DEQ's width.
     "paper-small": dict(d_model=256, n_head=8, d_head=32, d_inner=1_750, vocab_size=WT103_VOCAB,
-                        ln_affine=True, dropout=0.1, mem_len=150, depth=4),
+                        ln_affine=True, dropout=0.1, mem_len=150, depth=4, cutoffs=WT103_CUTOFFS),
     # 44M: Transformer-XL base on WT103 (16 layers, 410 wide, 10 heads x 41, FFN 2100).
     "paper-medium": dict(d_model=410, n_head=10, d_head=41, d_inner=2_100, vocab_size=WT103_VOCAB,
-                         ln_affine=True, dropout=0.1, mem_len=150, depth=16),
+                         ln_affine=True, dropout=0.1, mem_len=150, depth=16, cutoffs=WT103_CUTOFFS),
+    # The same shape as kimiyoung/transformer-xl's pytorch/run_wt103_base.sh runs it: element-wise
+    # dropout 0.1 (FFN hidden and output, attention output), dropatt 0.0 as in the script.
+    "paper-medium-official": dict(
+        d_model=410, n_head=10, d_head=41, d_inner=2_100, vocab_size=WT103_VOCAB, ln_affine=True,
+        dropout=0.1, dropout_style="elementwise", dropatt=0.0, mem_len=150, depth=16,
+        cutoffs=WT103_CUTOFFS,
+    ),
 }
 # The DEQ's own cell: the paper's weight-tied baseline has 16 layers.
-TIED_DEPTHS = {"debug": 4, "small": 16, "paper-small": 16, "paper-medium": 16}
+TIED_DEPTHS = {"debug": 4, "small": 16, "paper-small": 16, "paper-medium": 16,
+               "paper-medium-official": 16}
 TIED_SIZES: dict[str, dict] = {
     name: {**cell_fields(size), "depth": TIED_DEPTHS[name]} for name, size in DEQ_TRANSFORMER_SIZES.items()
 }

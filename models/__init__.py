@@ -1,6 +1,7 @@
 """DEQ engine (solvers, implicit backward) and the DEQ models, behind one registry."""
 
 from models.deq import BACKWARDS, DEQ
+from models.heads import HEADS, resolve_head
 from models.registry import (
     MODELS,
     ModelSpec,
@@ -16,6 +17,7 @@ from models.stats import ModelStats
 __all__ = [
     "BACKWARDS",
     "DEQ",
+    "HEADS",
     "MODELS",
     "SOLVERS",
     "ModelSpec",
@@ -27,5 +29,6 @@ __all__ = [
     "make_config",
     "model_spec",
     "register_model",
+    "resolve_head",
     "solve",
 ]

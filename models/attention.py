@@ -56,22 +56,24 @@ def causal_allowed(qlen: int, klen: int, device: torch.device | None = None) -> 
 
 
 def relative_attention(
-    q: Tensor, k: Tensor, v: Tensor, r: Tensor, r_w_bias: Tensor, r_r_bias: Tensor, allowed: Tensor
+    q: Tensor, k: Tensor, v: Tensor, r: Tensor, r_w_bias: Tensor, r_r_bias: Tensor, allowed: Tensor,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """Transformer-XL attention.
 
     q (B, H, T, dh); k, v (B, H, K, dh); r (H, dh, K): projected sinusoids of the distances
-    K-1 … 0, already multiplied by 1/sqrt(dh); r_w_bias, r_r_bias (H, dh); allowed (T, K) bool.
-    Returns (B, H, T, dh).
+    K-1 … 0, already multiplied by 1/sqrt(dh); r_w_bias, r_r_bias (H, dh); allowed (T, K) bool;
+    dropout_p: element-wise dropout on the attention probabilities. Returns (B, H, T, dh).
     """
     positional = torch.matmul(q + r_r_bias[:, None], r)  # (B, H, T, K), against distances
     positional = relative_shift(positional)  # (B, H, T, K), against keys
     positional.masked_fill_(~allowed, -math.inf)  # a fresh buffer: in place is safe
-    return F.scaled_dot_product_attention(q + r_w_bias[:, None], k, v, attn_mask=positional)
+    return F.scaled_dot_product_attention(q + r_w_bias[:, None], k, v, attn_mask=positional,
+                                          dropout_p=dropout_p)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float = 0.0) -> Tensor:
     """Plain causal SDPA; `allowed` (T, K) is needed only when memory makes K > T."""
     if allowed is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)

@@ -13,6 +13,12 @@ Backward modes (registry `BACKWARDS`):
 - `unrolled`: autograd through plain fixed-point iterations from z0 (the reference; memory O(k)).
   Differentiating through Broyden's or Anderson's own updates is not what anyone means by the
   reference, so `unrolled` always iterates z <- f(z), up to max_iter or tol.
+
+`DEQ(f, z0, stats)` adds its solves to a `ModelStats`; a segment solved in chunks
+(`subseq_len`, models/chunked.py) is one call per chunk into the same record.
+`empty_cache=True` calls `torch.cuda.empty_cache()` at the start of every implicit backward on
+CUDA, as the 2019 DEQ code does in each backward (modules/deq.py, DummyDEQFunc.backward): it
+returns the allocator's cached blocks, which lowers reserved memory, not allocated memory.
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ class DEQSettings:
     # Anderson mixes this many past iterates. Both are workspace the DEQ pays for.
     broyden_memory: int | None = None
     anderson_m: int = 5
+    # The segment solved chunk by chunk, subseq_len positions at a time (None: all at once), as
+    # the official DEQ language models do (models/chunked.py says what changes).
+    subseq_len: int | None = None
+    empty_cache: bool = False  # torch.cuda.empty_cache() in every implicit backward on CUDA
 
 
 class DEQ:
@@ -73,6 +83,8 @@ class DEQ:
         phantom_tau: float = 1.0,
         solver_options: dict[str, float] | None = None,
         b_solver_options: dict[str, float] | None = None,
+        subseq_len: int | None = None,
+        empty_cache: bool = False,
     ) -> None:
         self.solver = check_solver(solver)
         self.b_solver = check_solver(b_solver or solver)
@@ -85,6 +97,9 @@ class DEQ:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < phantom_tau <= 1.0:
             raise ValueError(f"phantom_tau must be in (0, 1], got {phantom_tau}")
+        if subseq_len is not None and subseq_len < 1:
+            raise ValueError(f"subseq_len must be >= 1 or None (the whole segment), got {subseq_len}")
+        self.subseq_len, self.empty_cache = subseq_len, empty_cache
         self.max_iter, self.tol = max_iter, tol
         self.b_max_iter, self.b_tol = b_max_iter, b_tol
         self.phantom_steps, self.phantom_tau = phantom_steps, phantom_tau
@@ -109,14 +124,15 @@ class DEQ:
             tol=config.tol, stop_mode=config.stop_mode, b_solver=b_solver,
             b_max_iter=config.b_max_iter, b_tol=config.b_tol, phantom_steps=config.phantom_steps,
             phantom_tau=config.phantom_tau, solver_options=options(config.solver),
-            b_solver_options=options(b_solver),
+            b_solver_options=options(b_solver), subseq_len=config.subseq_len,
+            empty_cache=config.empty_cache,
         )
 
     def __repr__(self) -> str:
         return (
             f"DEQ(solver={self.solver!r}, backward={self.backward!r}, max_iter={self.max_iter}, "
             f"tol={self.tol}, stop_mode={self.stop_mode!r}, b_solver={self.b_solver!r}, "
-            f"b_max_iter={self.b_max_iter}, b_tol={self.b_tol})"
+            f"b_max_iter={self.b_max_iter}, b_tol={self.b_tol}, subseq_len={self.subseq_len})"
         )
 
     def solve_forward(self, f: Function, z0: Tensor) -> tuple[Tensor, SolverStats]:
@@ -125,15 +141,14 @@ class DEQ:
             stop_mode=self.stop_mode, **self.solver_options,
         )
 
-    def __call__(self, f: Function, z0: Tensor) -> tuple[Tensor, ModelStats]:
-        stats = ModelStats()
+    def __call__(self, f: Function, z0: Tensor, stats: ModelStats | None = None) -> tuple[Tensor, ModelStats]:
+        """z* = f(z*) from z0, with this DEQ's gradient; the solves are added to `stats` (a new
+        record when None)."""
+        stats = ModelStats() if stats is None else stats
         if torch.is_grad_enabled() and self.backward == "unrolled":
             return _unrolled(self, f, z0, stats)
         z_star, forward = self.solve_forward(f, z0)
-        stats.forward = forward
-        stats.nfe_forward = forward.nfe
-        stats.residual_forward = forward.residual
-        stats.solver_workspace_bytes = forward.workspace_bytes
+        stats.record_forward(forward)
         if not torch.is_grad_enabled():
             return z_star, stats
         return BACKWARDS[self.backward](self, f, z_star, stats)
@@ -147,15 +162,17 @@ class _AdjointSolve(torch.autograd.Function):
     closing over z_out) it forms no reference cycle: the graph dies with the step."""
 
     @staticmethod
-    def forward(ctx, z_out: Tensor, z_in: Tensor, deq: DEQ, stats: ModelStats) -> Tensor:
+    def forward(ctx, z_out: Tensor, z_in: Tensor, deq: DEQ, stats: ModelStats, chunk: int) -> Tensor:
         ctx.save_for_backward(z_out)
-        ctx.z_in, ctx.deq, ctx.stats = z_in, deq, stats
+        ctx.z_in, ctx.deq, ctx.stats, ctx.chunk = z_in, deq, stats, chunk
         return z_out.view_as(z_out)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (z_out,) = ctx.saved_tensors
         z_in, deq, stats = ctx.z_in, ctx.deq, ctx.stats
+        if deq.empty_cache and _on_cuda(grad):
+            torch.cuda.empty_cache()
 
         def adjoint(g: Tensor) -> Tensor:  # g -> J^T g + dL/dz
             (vjp,) = torch.autograd.grad(z_out, z_in, g, retain_graph=True)
@@ -165,11 +182,12 @@ class _AdjointSolve(torch.autograd.Function):
             adjoint, grad, solver=deq.b_solver, max_iter=deq.b_max_iter, tol=deq.b_tol,
             stop_mode=deq.stop_mode, **deq.b_solver_options,
         )
-        stats.backward = backward
-        stats.nfe_backward = backward.nfe
-        stats.residual_backward = backward.residual
-        stats.solver_workspace_bytes = max(stats.solver_workspace_bytes, backward.workspace_bytes)
-        return g, None, None, None
+        stats.record_backward(ctx.chunk, backward.nfe, backward)
+        return g, None, None, None, None
+
+
+def _on_cuda(t: Tensor) -> bool:
+    return t.is_cuda
 
 
 def _implicit(deq: DEQ, f: Function, z_star: Tensor, stats: ModelStats) -> tuple[Tensor, ModelStats]:
@@ -179,7 +197,8 @@ def _implicit(deq: DEQ, f: Function, z_star: Tensor, stats: ModelStats) -> tuple
         return z_out, stats
     # The outer backward also accumulates a gradient into this helper leaf; drop it at once.
     z_in.register_post_accumulate_grad_hook(_drop_grad)
-    return _AdjointSolve.apply(z_out, z_in, deq, stats), stats
+    chunk = len(stats.chunk_nfe_forward) - 1  # the solve just recorded
+    return _AdjointSolve.apply(z_out, z_in, deq, stats, chunk), stats
 
 
 def _drop_grad(t: Tensor) -> None:
@@ -190,7 +209,7 @@ def _phantom(deq: DEQ, f: Function, z_star: Tensor, stats: ModelStats) -> tuple[
     z, tau = z_star.detach(), deq.phantom_tau
     for _ in range(deq.phantom_steps):
         z = f(z) if tau == 1.0 else torch.lerp(z, f(z), tau)
-    stats.nfe_backward = deq.phantom_steps
+    stats.record_backward(len(stats.chunk_nfe_forward) - 1, deq.phantom_steps)
     return z, stats
 
 
@@ -207,9 +226,9 @@ def _unrolled(deq: DEQ, f: Function, z0: Tensor, stats: ModelStats) -> tuple[Ten
         if stop:
             break
     _, forward = track.finish("fixed_point", z0.shape, 0)
-    stats.forward = forward
-    stats.nfe_forward = stats.nfe_backward = forward.nfe
-    stats.residual_forward = forward.residual
+    # no solver state beyond the graph; backward runs through the same iterations
+    chunk = stats.record_forward(forward, workspace_bytes=0)
+    stats.record_backward(chunk, forward.nfe)
     return z, stats
 
 

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from models.heads import resolve_head
+
 MODES = ("lm", "core")
 VARIANTS = ("deq", "untied", "tied", "ckpt", "hf")
 
@@ -108,11 +110,15 @@ def build_model(
     name: str, size: str = "debug", *, mode: str = "lm", depth: int | None = None, **overrides: Any
 ) -> nn.Module:
     """Build a registered model. `mode="lm"` takes token ids (B, T); `mode="core"` takes embedded
-    inputs (B, T, config.d_model), with no embedding or softmax (the paper's memory protocol)."""
+    inputs (B, T, config.d_model), with no embedding or softmax (the paper's memory protocol).
+    A config with a `head` field gets the head the mode implies (models.heads.resolve_head:
+    core -> none, lm -> full unless set), so `model.config.head` says what was built."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     spec = model_spec(name)
     config = make_config(name, size, depth=depth, **overrides)
+    if any(f.name == "head" for f in dataclasses.fields(config)):
+        config = dataclasses.replace(config, head=resolve_head(config.head, mode))
     model = spec.build(config, mode)
     model.spec = spec
     return model

@@ -150,3 +150,14 @@ def test_memory_trend_with_depth():
     assert 0.8 <= slope["transformer-tied"] <= 1.2, slope
     assert slope["transformer-ckpt"] < 0.6, slope
     assert _train_step_peak("deq-transformer") < 0.5 * tied_at_32
+
+
+def test_official_transformer_xl_size_is_the_base_script():
+    with torch.device("meta"):
+        xl = build_model("transformer", "paper-medium-official", mode="lm", head="adaptive")
+        tied = build_model("transformer-tied", "paper-medium-official", mode="core")
+    c = xl.config
+    assert (c.depth, c.d_model, c.d_inner, c.dropout_style, c.dropatt, c.div_val) == (16, 410, 2100, "elementwise", 0.0, 1)
+    # Transformer-XL's own count for its WT103 base model: 151M with the adaptive softmax (tied)
+    assert abs(xl.num_params() - 151e6) <= 0.01 * 151e6
+    assert tied.config.depth == 16 and tied.config.d_inner == 48_000  # the DEQ code's stacked cell

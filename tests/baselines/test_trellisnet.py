@@ -144,3 +144,55 @@ def test_runs_on_cuda_as_on_cpu(name):
     loss.backward()
     torch.testing.assert_close(loss.cpu(), cpu_loss, rtol=1e-3, atol=1e-6)  # cuDNN may use TF32
     assert stats.memory.z.is_cuda and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", EXPLICIT)
+@pytest.mark.parametrize("mode", ["lm", "core"])
+def test_auxiliary_losses_add_weighted_losses_of_every_aux_every_th_layer(name, mode):
+    depth, every, weight = 7, 3, 0.25  # aux layers 3 and 6
+    plain = build_model(name, mode=mode, depth=depth)
+    aux = build_model(name, mode=mode, depth=depth, aux_weight=weight, aux_every=every)
+    aux.load_state_dict(plain.state_dict())
+    x, targets = trellisnet_batch(plain, 2)
+    loss, _ = aux(x, targets)
+    loss.backward()
+    by_hand = plain(x, targets)[0]
+    for layers in (3, 6):
+        partial = build_model("trellisnet", mode=mode, depth=layers)
+        partial.load_state_dict(plain.state_dict())
+        by_hand = by_hand + weight * partial(x, targets)[0]
+    torch.testing.assert_close(loss, by_hand)
+    assert loss > plain(x, targets)[0]
+    aux.eval()  # evaluation: the final layer's loss alone, as the official evaluate()
+    torch.testing.assert_close(aux(x, targets)[0], plain.eval()(x, targets)[0])
+    out, _ = aux(x)
+    assert out.shape[:2] == (2, 12)
+
+
+def test_auxiliary_losses_through_checkpointed_segments_match_plain():
+    plain = build_model("trellisnet", mode="lm", depth=9, aux_weight=0.1, aux_every=2, head="split")
+    ckpt = build_model("trellisnet-ckpt", mode="lm", depth=9, aux_weight=0.1, aux_every=2, head="split")
+    ckpt.load_state_dict(plain.state_dict())
+    x, targets = trellisnet_batch(plain, 2)
+    results = []
+    for model in (plain, ckpt):
+        loss, _ = model(x, targets)
+        loss.backward()
+        results.append((loss, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_official_sizes_are_the_scripts():
+    with torch.device("meta"):
+        wt103 = build_model("trellisnet", "paper-wt103-official", mode="lm", head="split")
+        ptb = build_model("trellisnet", "paper-ptb-official", mode="core")
+    c = wt103.config
+    assert (c.d_model, c.nhid, c.nout, c.depth, c.aux_weight, c.aux_every) == (512, 1600, 512, 70, 0.1, 25)
+    # "~44M non-embedding" (the paper: 45M): two kernel-2 convs, weight-norm g's and one bias
+    h = c.nhid + c.nout
+    assert wt103.num_params(non_embedding=True) == 2 * 4 * h * 512 + 2 * 4 * h * h + 3 * 4 * h == 44_360_448
+    # 180M in all, the TrellisNet paper's WT103 count: tied 267,735 x 512 table, its bias, tombstones
+    assert abs(wt103.num_params() - 180e6) <= 0.01 * 180e6
+    assert (ptb.config.weight_dropout, ptb.config.aux_weight, ptb.config.aux_every) == (0.5, 0.05, 12)
+    with pytest.raises(ValueError, match="aux_every must be >= 1"):
+        build_model("trellisnet", aux_every=0)

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 from torch.nn.utils.parametrizations import _WeightNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model, fixed_iterations
 from models.attention import causal_allowed, relative_shift, sinusoid
@@ -177,3 +178,71 @@ def test_config_errors_list_valid_choices():
         deq(attention="rope")
     with pytest.raises(ValueError, match="takes no depth"):
         build_model("deq-transformer", depth=4)
+
+
+# -- dropout styles -----------------------------------------------------------------------------
+class _RandomDraws(TorchDispatchMode):
+    """Shapes of the tensors every random op fills (dropout masks, whichever kernel draws them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name.startswith(("bernoulli", "native_dropout", "rand")):
+            self.shapes.append(tuple(args[0].shape))
+        return out
+
+
+def _draws(model, x):
+    with _RandomDraws() as draws:
+        model(x)
+    return sorted(draws.shapes)
+
+
+def test_dropout_style_decides_which_masks_are_drawn():
+    B, T, c = 2, 8, deq().config
+    x, _ = model_inputs(deq(), B, T)
+    variational = build_model("transformer-tied", mode="core", depth=3, dropout=0.2)
+    elementwise = build_model("transformer-tied", mode="core", depth=3, dropout=0.2,
+                              dropout_style="elementwise", dropatt=0.1)
+    # variational: one (B, 1, d) mask for the attention output and one for the FFN output, for
+    # every layer of the forward (drawn once in prepare)
+    assert _draws(variational, x) == [(B, 1, c.d_model)] * 2
+    # elementwise (Transformer-XL): fresh masks at every layer, the FFN hidden and the attention
+    # probabilities included
+    shapes = _draws(elementwise, x)
+    K = T  # no memory: keys = the segment
+    assert shapes.count((B, T, c.d_inner)) == 3 and shapes.count((B, T, c.d_model)) == 6
+    assert shapes.count((B, c.n_head, T, K)) == 3 and len(shapes) == 12
+    plain = build_model("transformer-tied", mode="core", depth=3, dropout=0.2, dropout_style="elementwise")
+    assert (B, c.n_head, T, K) not in _draws(plain, x)  # dropatt 0: no attention-probability masks
+    for model in (variational, elementwise):
+        model.eval()
+        assert _draws(model, x) == []
+    twin = build_model("transformer-tied", mode="core", depth=3).eval()
+    twin.load_state_dict(elementwise.state_dict())
+    torch.testing.assert_close(elementwise(x)[0], twin(x)[0])  # no dropout in eval
+
+
+def test_dropout_style_errors_list_valid_choices():
+    with pytest.raises(ValueError, match="unknown dropout_style 'gaussian'; valid: variational, elementwise"):
+        deq(dropout_style="gaussian")
+    with pytest.raises(ValueError, match=r"dropatt .* needs dropout_style=.elementwise."):
+        build_model("transformer", mode="core", dropatt=0.1)
+
+
+def test_official_deq_size_is_the_2019_script():
+    with torch.device("meta"):
+        core = build_model("deq-transformer", "paper-medium-official", mode="core")
+        lm = build_model("deq-transformer", "paper-medium-official", mode="lm", head="adaptive")
+    c = core.config
+    assert (c.d_model, c.n_head, c.d_head, c.d_inner, c.div_val) == (700, 10, 70, 48_000, 4)
+    assert c.cutoffs == (20_000, 40_000, 200_000) and c.subseq_len == 75 and c.dropout == 0.05
+    # the paper's "DEQ-Transformer medium adaptive, 70M" (non-embedding)
+    assert abs(core.num_params() - 70e6) <= 0.03 * 70e6
+    assert lm.num_params(non_embedding=True) == core.num_params()
+    widths = [t.weight.shape[1] for t in lm.embedding.tables]
+    assert widths == [700, 175, 43, 10]  # d_embed // div_val**i

@@ -177,3 +177,36 @@ def test_paper_size_parameter_counts(size):
     for count, (paper, tolerance) in ((non_embedding, PAPER[size]["non_embedding"]),
                                       (lm.num_params(), PAPER[size]["total"])):
         assert abs(count - paper) <= tolerance * paper, (count, paper)
+
+
+def test_weight_dropout_drops_the_previous_step_taps_in_training_only():
+    plain = build_model("deq-trellisnet", mode="core", weight_norm=False)
+    dropped = build_model("deq-trellisnet", mode="core", weight_norm=False, weight_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    w = dropped.cell.recur.weight
+    torch.manual_seed(0)
+    drop = dropped.cell.recur.effective_weight(0.5)
+    assert torch.equal(drop[:, :, 1], w[:, :, 1])  # the tap at t is kept (temporal DropConnect)
+    zero = drop[:, :, 0] == 0
+    assert 0.3 < zero.float().mean() < 0.7
+    torch.testing.assert_close(drop[:, :, 0][~zero], 2 * w[:, :, 0][~zero])
+    x, _ = trellisnet_batch(plain, 2)
+    assert not torch.allclose(dropped(x)[0], plain(x)[0])  # a fresh mask per training forward
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x)[0], plain(x)[0], rtol=0, atol=0)
+    # under weight norm the direction v is dropped, then normalised: w = g * drop(v) / ||drop(v)||
+    normed = build_model("deq-trellisnet", mode="core", weight_dropout=0.5).cell.inject
+    torch.manual_seed(0)
+    w = normed.effective_weight(0.5)
+    torch.testing.assert_close(w.norm(dim=(1, 2)), normed.weight_g.flatten())
+
+
+def test_official_deq_size_is_the_2019_script():
+    with torch.device("meta"):
+        model = build_model("deq-trellisnet", "paper-wt103-official", mode="lm", head="split")
+    c = model.config
+    assert (c.d_model, c.nhid, c.nout, c.cutoffs) == (500, 1500, 500, (2_800, 20_000, 76_000))
+    assert (c.max_iter, c.b_max_iter, c.subseq_len, c.pretrain_depth, c.weight_dropout) == (45, 45, 50, 40, 0.0)
+    assert model.num_params(non_embedding=True) == _nonembedding(500, 2000)
+    with pytest.raises(ValueError, match="weight_dropout must be in"):
+        build_model("deq-trellisnet", weight_dropout=1.0)
