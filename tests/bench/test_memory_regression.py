@@ -117,7 +117,7 @@ def _explain(findings: list[Finding]) -> str:
 
 
 # -- CPU: the committed baseline ------------------------------------------------------------------
-def test_cpu_baseline_is_the_quick_preset():
+def test_cpu_baseline_is_the_smoke_preset():
     baseline = cpu_baseline()
     assert baseline["device_kind"] == "cpu" and baseline["source"]["matrix"] == "smoke"
     assert set(baseline["cases"]) == set(QUICK_CASES), f"smoke and cpu.json list other cases; {REFRESH}"
