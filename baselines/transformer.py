@@ -167,6 +167,8 @@ def _count(model: str, size: str, depth: int, overrides: dict[str, Any]) -> int:
 TRANSFORMER_SIZES: dict[str, dict] = {
     "debug": dict(d_model=32, n_head=4, d_head=8, d_inner=128, vocab_size=256, ln_affine=True,
                   depth=4, cutoffs=(32, 128), div_val=2),
+    "small": dict(d_model=128, n_head=4, d_head=32, d_inner=512, vocab_size=1024, ln_affine=True,
+                  depth=4, cutoffs=(128, 512), div_val=2),
     # 4.9M: "Transformer-XL small, 4 layers", at the small DEQ's width.
     "paper-small": dict(d_model=256, n_head=8, d_head=32, d_inner=1_750, vocab_size=WT103_VOCAB,
                         ln_affine=True, dropout=0.1, mem_len=150, depth=4, cutoffs=WT103_CUTOFFS),
@@ -182,7 +184,8 @@ TRANSFORMER_SIZES: dict[str, dict] = {
     ),
 }
 # The DEQ's own cell: the paper's weight-tied baseline has 16 layers.
-TIED_DEPTHS = {"debug": 4, "paper-small": 16, "paper-medium": 16, "paper-medium-official": 16}
+TIED_DEPTHS = {"debug": 4, "small": 16, "paper-small": 16, "paper-medium": 16,
+               "paper-medium-official": 16}
 TIED_SIZES: dict[str, dict] = {
     name: {**cell_fields(size), "depth": TIED_DEPTHS[name]} for name, size in DEQ_TRANSFORMER_SIZES.items()
 }

@@ -54,6 +54,7 @@ class TrellisNetCkptConfig(TrellisNetConfig):
 # and 75 levels).
 SIZES = {
     "debug": {**SHAPES["debug"], "depth": 8},
+    "small": {**SHAPES["small"], "depth": 16},
     "paper-ptb": {**SHAPES["paper-ptb"], "depth": 60},
     "paper-wt103": {**SHAPES["paper-wt103"], "depth": 70},
     # locuslab/trellisnet word_PTB/word_ptb.py defaults: the paper-ptb shapes with wdrop 0.5 and

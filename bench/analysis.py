@@ -43,6 +43,7 @@ PAIR_KEY = ["family", "size", "mode", "phase", "seq_len", "batch"]
 # Columns that make a case what it is, apart from its phase: a training case and its eval twin
 # agree on all of them.
 TWIN_KEY = ["model", "size", "mode", "seq_len", "batch", "depth", "solver", "backward", "overrides"]
+NOISY = 0.10  # IQR/median of step times above which a timing is called noisy (timing.Timing's)
 SOURCE_LABELS = {
     "torch_cuda": "torch.cuda max allocated",
     "tracked": "tracked (live tensor bytes)",
@@ -79,6 +80,9 @@ class RunView:
         missing = set(absent) - set(LATER_COLUMNS)
         for c in ("depth", "seq_len", "batch", "peak_bytes"):
             df[c] = pd.to_numeric(df[c], errors="coerce")
+        # a results.csv written before timing_noisy existed: the same rule from its raw IQR
+        spread = pd.to_numeric(df["step_s_iqr"], errors="coerce") / pd.to_numeric(df["step_s_median"], errors="coerce")
+        df["timing_noisy"] = df["timing_noisy"].where(df["timing_noisy"].notna(), (spread > NOISY).where(spread.notna()))
         return cls(run_dir, df, env, missing)
 
     # -- what the run is -------------------------------------------------------------------------
@@ -241,6 +245,7 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
         "baseline_model": merged["model_base"],
         "baseline_variant": merged["variant_base"],
         "depth": merged["depth_base"],
+        "baseline_overrides": merged["overrides_base"],  # parameter matching, config
         "baseline_status": merged["status_base"],
         "memory_source": merged["memory_source_deq"],
         "deq_peak_bytes": merged["peak_bytes_deq"],
@@ -252,6 +257,8 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
         "nfe_forward": merged["nfe_forward_deq"],
         "nfe_backward": merged["nfe_backward_deq"],
         "deq_converged": merged["converged_deq"],  # 0: the DEQ's numbers are of a truncated solve
+        "timing_noisy": (merged["timing_noisy_deq"].fillna(False).astype(bool)
+                         | merged["timing_noisy_base"].fillna(False).astype(bool)),
     })
     ok = out["baseline_status"].isin(OK_STATUSES)
     out["reduction"] = (1.0 - out["deq_peak_bytes"] / out["baseline_peak_bytes"]).where(ok)

@@ -23,7 +23,7 @@ from typing import Any
 from bench.errors import RunDirError, UserError, os_error
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
-DEFAULT_PRESET = "quick"
+DEFAULT_PRESET = "default"
 SVG_HELP = "also write the figures as SVG (vector, searchable text; as long again as the PNGs)"
 BadInput = UserError  # what a command raises for bad input: one line, exit 2
 
@@ -181,6 +181,7 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
     from bench.runner import RunOptions, interrupted_line, link_latest, run_matrix, select_cases
     from bench.spec import instrument_list
+    from bench.verdict import verdict_lines
 
     matrix = load_matrix_arg(args)
     device = "cpu" if predict else resolve_device_arg(args.device)
@@ -209,8 +210,16 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
     if not args.out and not args.resume:
         link_latest(out)
     view = analysis.RunView.load(out)
-    for line in analysis.summary_lines(view):
-        print(line)
+    verdict = verdict_lines(view)
+    if verdict:  # the table of every pair is in report.md
+        print("verdict (memory of a training step; bench.verdict):")
+        for line in verdict:
+            print(f"  {line}")
+        for line in analysis.quality_lines(view):
+            print(line)
+    else:
+        for line in analysis.summary_lines(view):
+            print(line)
     paper = analysis.paper_lines(view)
     if paper:
         print()
@@ -223,7 +232,7 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
             print(f"  {r.status:<9}{r.case_id}  {r.error or ''}")
     if not args.no_report:
         _outputs(out, figure_formats(args))
-    print(f"\nresults: {out}")
+    print(f"\nresults: {out}" + ("" if args.no_report else f" (every pair, figures: {out / 'report.md'})"))
     return EXIT_OK
 
 

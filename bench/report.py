@@ -13,12 +13,11 @@ did not finish with their error lines.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from bench import explain_text, plots
-from bench.analysis import SOURCE_LABELS, RunView, unconverged
+from bench.analysis import NOISY, SOURCE_LABELS, RunView, unconverged
 from bench.errors import RunDirError
 from bench.format import (
     format_bytes,
@@ -33,6 +32,7 @@ from bench.paper import CLAIM, PROTOCOL
 from bench.plots.explain import EXPLAIN_FIGURES
 from bench.plots.style import VARIANT_COLORS
 from bench.results import OK_STATUSES, number
+from bench.verdict import verdict_lines
 
 REPORT = "report.md"
 CUT = "†"  # beside a number of a DEQ whose solve did not converge
@@ -78,7 +78,7 @@ def render(run: RunView, figures: plots.Figures) -> str:
            "every number below is recomputed from it. Memory is in bytes of the named source "
            "(kB/MB/GB = 10³/10⁶/10⁹ bytes); reduction = 1 − DEQ peak / baseline peak; slowdown = "
            "DEQ step time / baseline step time (median).", ""]
-    out += ["## Where the paper's 88% holds", "", claim_paragraph(p, run.paper, df), ""]
+    out += ["## Verdict", "", *verdict_section(run), ""]
     out += ["## Environment", "", *environment(run), ""]
     out += ["## DEQ vs explicit baselines", "", *pair_tables(run, p), ""]
     out += ["## The paper's pairs", "", *paper_section(run), ""]
@@ -164,7 +164,8 @@ def pair_tables(run: RunView, p: pd.DataFrame) -> list[str]:
                 "—" if number(r.depth) is None else f"{r.depth:.0f}",
                 format_bytes(number(r.deq_peak_bytes)),
                 format_bytes(number(r.baseline_peak_bytes)) if ok else r.baseline_status,
-                format_pct(number(r.reduction)) + cut, format_ratio(r.slowdown) + cut,
+                format_pct(number(r.reduction)) + cut,
+                format_ratio(r.slowdown) + cut + (" ~" if r.timing_noisy and number(r.slowdown) else ""),
                 format_nfe(r.nfe_forward, r.nfe_backward if r.phase != "eval" else None),
                 format_count(r.deq_params_nonembed), format_count(r.baseline_params_nonembed),
                 r.memory_source if isinstance(r.memory_source, str) else "—",
@@ -187,20 +188,15 @@ def pair_tables(run: RunView, p: pd.DataFrame) -> list[str]:
     return out
 
 
-NOISY = 0.10  # IQR/median of step times above which a timing is called noisy
-
-
 def _noisy_timings(df: pd.DataFrame) -> str | None:
     timed = df[df["step_s_median"].notna() & df["step_s_iqr"].notna() & (df["step_s_median"] > 0)]
-    if timed.empty:
-        return None
-    spread = timed["step_s_iqr"] / timed["step_s_median"]
-    noisy = spread[spread > NOISY]
+    noisy = timed[timed["timing_noisy"].fillna(False).astype(bool)]
     if noisy.empty:
         return None
+    worst = (noisy["step_s_iqr"] / noisy["step_s_median"]).max()
     return (f"Note: {len(noisy)} of {len(timed)} timed cases have a step-time IQR above "
-            f"{100 * NOISY:.0f}% of the median (worst {100 * noisy.max():.0f}%): a busy machine; "
-            "read their slowdowns as rough.")
+            f"{100 * NOISY:.0f}% of the median (worst {100 * worst:.0f}%; `timing_noisy` in "
+            "results.csv): a busy machine; their slowdowns are marked ~ and read as rough.")
 
 
 def _ordered(p: pd.DataFrame) -> pd.DataFrame:
@@ -232,9 +228,13 @@ def paper_section(run: RunView) -> list[str]:
             format_pct(number(r.reduction)), format_gb(r.paper_baseline_gb), format_gb(r.paper_deq_gb),
             format_pct(number(r.paper_reduction)), r.source or "—",
         ))
+    ours = t[t["reduction"].notna()]
     return [f"Our peaks at the paper's protocol ({protocol}, word embeddings excluded) beside the "
             "paper's (PAPER.md). `predicted` = fake tensors, nothing allocated; `measured` = this "
-            "device's instrument.", "", *md_table(PAPER_HEADERS, rows)]
+            "device's instrument.", "", *md_table(PAPER_HEADERS, rows), "",
+            f"{int((ours['reduction'] >= CLAIM).sum())} of {len(ours)} reach {100 * CLAIM:.0f}% "
+            f"(the paper: {int((ours['paper_reduction'] >= CLAIM).sum())} of {len(ours)}; its "
+            "\"up to 88%\" is not one of its table's pairs)."]
 
 
 def predicted_section(run: RunView) -> list[str]:
@@ -285,76 +285,37 @@ def failures(df: pd.DataFrame) -> list[str]:
     return out
 
 
-# -- the 88% paragraph --------------------------------------------------------------------------
-def claim_paragraph(p: pd.DataFrame, paper: pd.DataFrame | None = None,
-                    df: pd.DataFrame | None = None) -> str:
-    """Where the DEQ's training-memory saving reaches the paper's 88% and where it does not,
-    from the pairs: per family and baseline kind, how many pairs reach it, the range, and the
-    depth and sequence length from which it holds."""
-    claim = f"{100 * CLAIM:.0f}%"
-    train = p[p["phase"] == "train"] if not p.empty else p
-    measured = train[train["reduction"].notna()] if not train.empty else train
-    sentences: list[str] = []
+# -- the verdict --------------------------------------------------------------------------------
+def verdict_section(run: RunView) -> list[str]:
+    """The verdict lines (bench.verdict: the same lines `deqbench run` prints and the README
+    copies), under at most three sentences of counts."""
+    p = run.train_pairs
+    measured = p[p["reduction"].notna()] if not p.empty else p
     if measured.empty:
-        sentences.append(f"This run has no training-step DEQ–baseline pair with both peaks, so the "
-                         f"paper's {claim} (a training-memory claim) cannot be checked from it.")
-    else:
-        sources = sorted(set(measured["memory_source"].dropna()))
-        held = int((measured["reduction"] >= CLAIM).sum())
-        sentences.append(
-            f"The paper claims up to {claim} less training memory. Over the {len(measured)} "
-            f"training-step DEQ–baseline pairs of this run ({', '.join(sources) or 'unknown'} memory), "
-            f"the DEQ saves at least {claim} in {held} of them and uses more memory than its "
-            f"baseline in {int((measured['reduction'] < 0).sum())}.")
-        order = {v: i for i, v in enumerate(VARIANT_COLORS)}
-        groups = sorted(measured.groupby(["family", "baseline_variant"]),
-                        key=lambda kv: (kv[0][0], order.get(kv[0][1], 99)))
-        for (family, kind), g in groups:
-            sentences.append(_kind_sentence(family, kind, g))
+        return [f"This run has no training-step DEQ–baseline pair with both peaks, so the paper's "
+                f"{100 * CLAIM:.0f}% (a training-memory claim) cannot be checked from it."]
+    sentences = [
+        f"Over the {len(measured)} training-step DEQ–baseline pairs of this run "
+        f"({', '.join(run.sources(measured)) or 'unknown'} memory), the DEQ saves at least "
+        f"{100 * CLAIM:.0f}% in {int((measured['reduction'] >= CLAIM).sum())} of them and uses more "
+        f"memory than its baseline in {int((measured['reduction'] < 0).sum())}."]
     cut = int((measured["deq_converged"] == 0).sum()) if "deq_converged" in measured else 0
     if cut:
         sentences.append(f"In {cut} of these pairs the DEQ's solve did not converge ({CUT} in the "
                          "tables): their savings are of a truncated solve.")
-    workspace = _workspace_sentence(df) if df is not None and not measured.empty else None
+    workspace = _workspace_sentence(run.df)
     if workspace:
         sentences.append(workspace)
-    failed = train[train["reduction"].isna()] if not train.empty else train
+    failed = p[p["reduction"].isna()]
     if not failed.empty:
-        where = ", ".join(f"{r.baseline_model} L={r.depth:.0f} at T={r.seq_len:.0f} ({r.baseline_status})"
-                          for r in failed.itertuples())
-        sentences.append(f"Where the baseline did not finish but the DEQ did, the saving is unknown "
-                         f"(only that the baseline needed more than the limit): {where}.")
-    if paper is not None and not paper.empty:
-        ours = paper[paper["reduction"].notna()]
-        if not ours.empty:
-            parts = [f"{r.key} {100 * r.reduction:.1f}% (paper {100 * r.paper_reduction:.1f}%, {r.source})"
-                     for r in ours.itertuples()]
-            sentences.append(f"At the paper's protocol: {'; '.join(parts)}; "
-                             f"{int((ours['reduction'] >= CLAIM).sum())} of {len(ours)} reach {claim}.")
-    return " ".join(sentences)
-
-
-def _kind_sentence(family: str, kind: str, g: pd.DataFrame) -> str:
-    claim = f"{100 * CLAIM:.0f}%"
-    models = ", ".join(sorted(set(g["baseline_model"])))
-    lo, hi = g.loc[g["reduction"].idxmin()], g.loc[g["reduction"].idxmax()]
-    held = g[g["reduction"] >= CLAIM]
-    sized = g["size"].nunique() > 1
-    span = (f"from {_pct(lo.reduction)} ({_at(lo, sized)}) to {_pct(hi.reduction)} ({_at(hi, sized)})"
-            if len(g) > 1 else f"{_pct(hi.reduction)} ({_at(hi, sized)})")
-    if held.empty:
-        verdict = f"never reaches {claim}"
-    elif len(held) == len(g):
-        verdict = f"reaches {claim} in all {len(g)} pairs"
-    else:
-        verdict = f"reaches {claim} in {len(held)} of {len(g)} pairs"
-    text = (f"Against {models} ({KIND_WORDS.get(kind, kind)}), the {family} DEQ "
-            f"{verdict}: {span}")
-    extras = [e for e in (_threshold(g, "depth", CLAIM, claim), _threshold(g, "depth", 0.0, "a saving"),
-                          _threshold(g, "seq_len", CLAIM, claim), _trend(g)) if e]
-    if extras:
-        text += "; " + "; ".join(extras)
-    return text + "."
+        sentences.append(f"{len(failed)} baseline case(s) did not finish where the DEQ did (their "
+                         "saving is unknown; see the cases that did not finish).")
+    lines = [" ".join(sentences), ""]
+    lines += [f"- {line}" for line in verdict_lines(run)]
+    lines += ["", "Crossovers are read off a straight line between the swept depths (exact for "
+              "weight-tied and checkpointed baselines, whose peak is affine in depth); nothing is "
+              "extrapolated beyond them."]
+    return lines
 
 
 def _workspace_sentence(df: pd.DataFrame) -> str | None:
@@ -366,60 +327,9 @@ def _workspace_sentence(df: pd.DataFrame) -> str | None:
         r = g.sort_values(["seq_len", "peak_bytes"]).iloc[-1]  # the longest, then the largest
         share = min(float(r.solver_workspace_bytes), float(r.peak_bytes)) / float(r.peak_bytes)
         size = f"{r['size']}, " if g["size"].nunique() > 1 else ""  # r.size is the Series' length
-        parts.append(f"{_pct(share)} for {family} ({size}T={r.seq_len:.0f}, {r.solver} history "
+        parts.append(f"{format_pct(share)} for {family} ({size}T={r.seq_len:.0f}, {r.solver} history "
                      f"{format_bytes(float(r.solver_workspace_bytes))} of {format_bytes(float(r.peak_bytes))})")
     if not parts:
         return None
     return ("Part of the DEQ's cost is its solver's workspace, at most this share of its training "
             f"peak: {'; '.join(parts)}.")
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _at(r: Any, size: bool = False) -> str:
-    return f"{r['size'] + ', ' if size else ''}T={r['seq_len']:.0f}, L={r['depth']:.0f}"
-
-
-def _threshold(g: pd.DataFrame, axis: str, level: float, what: str) -> str | None:
-    """'88% from L=64 on (T=150)': per value of the other axis, the smallest value of `axis` from
-    which every larger one reaches `level`; said only where some but not all values reach it."""
-    other = "seq_len" if axis == "depth" else "depth"
-    a, o = ("L", "T") if axis == "depth" else ("T", "L")
-    if g[axis].nunique() < 2:
-        return None
-    starts: dict[str, list[str]] = {}
-    for value, h in g.groupby(other, sort=True):
-        h = h.sort_values(axis)
-        ok = (h["reduction"] >= level).tolist()
-        if all(ok) or not any(ok):
-            continue
-        first = len(ok)
-        while first > 0 and ok[first - 1]:
-            first -= 1
-        if first == len(ok):  # reached at some values but not at the largest
-            held = ", ".join(f"{v:.0f}" for v, k in zip(h[axis], ok, strict=True) if k)
-            starts.setdefault(f"only at {a}={held}", []).append(f"{value:.0f}")
-        else:
-            starts.setdefault(f"from {a}={h[axis].iloc[first]:.0f} on", []).append(f"{value:.0f}")
-    if not starts:
-        return None
-    return f"{what} " + ", ".join(f"{k} ({o}={', '.join(v)})" for k, v in starts.items())
-
-
-def _trend(g: pd.DataFrame) -> str | None:
-    """How the reduction moves with sequence length at the deepest baseline that has several."""
-    multi = g.groupby("depth").filter(lambda h: h["seq_len"].nunique() >= 2)
-    if multi.empty:
-        return None
-    depth = multi["depth"].max()
-    h = multi[multi["depth"] == depth].sort_values("seq_len")
-    first, last = h.iloc[0], h.iloc[-1]
-    change = last.reduction - first.reduction
-    if abs(change) < 0.005:
-        direction = "flat in sequence length"
-    else:
-        direction = "rising with sequence length" if change > 0 else "falling with sequence length"
-    return (f"{direction} at L={depth:.0f} ({_pct(first.reduction)} at T={first.seq_len:.0f}, "
-            f"{_pct(last.reduction)} at T={last.seq_len:.0f})")

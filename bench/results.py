@@ -34,7 +34,7 @@ FAILED_STATUSES = tuple(s for s in STATUSES if s not in OK_STATUSES)
 @dataclass(frozen=True)
 class Column:
     name: str
-    kind: str  # "text" | "int" | "float" | "json" (a JSON document in one cell)
+    kind: str  # "text" | "int" | "float" | "bool" | "json" (a JSON document in one cell)
     doc: str
 
 
@@ -87,10 +87,12 @@ SCHEMA: tuple[Column, ...] = (
     Column("nvml_process_baseline_bytes", "int",
            "NVML: the process's GPU memory before the model is built (the CUDA context), the idle "
            "baseline nvml_process_bytes leaves out"),
+    Column("timing_noisy", "bool", "step times spread more than 10% (IQR/median): read as rough"),
 )
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 # Columns added after the first layout: a results.csv written before them is complete without.
-LATER_COLUMNS = ("predicted_cuda_bytes", "converged", "nvml_process_baseline_bytes")
+LATER_COLUMNS = ("predicted_cuda_bytes", "converged", "nvml_process_baseline_bytes",
+                 "timing_noisy")
 KINDS: dict[str, str] = {c.name: c.kind for c in SCHEMA}
 CASE_COLUMNS = COLUMNS[: COLUMNS.index("phase") + 1]
 TEXT_KINDS = ("text", "json")
@@ -172,7 +174,10 @@ def read_results(run_dir_or_csv: str | Path) -> pd.DataFrame:
         return pd.DataFrame(columns=list(COLUMNS))
     df = pd.DataFrame(body, columns=header).replace("", None)
     for col in df.columns:
-        if KINDS.get(col, "text") not in TEXT_KINDS:
+        kind = KINDS.get(col, "text")
+        if kind == "bool":
+            df[col] = df[col].map({"True": True, "False": False}).astype(object)
+        elif kind not in TEXT_KINDS:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     return df
 

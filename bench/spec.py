@@ -2,7 +2,7 @@
 
 A case is one model at one shape and phase. A matrix (TOML) lists axes whose values multiply out:
 
-    name = "quick"
+    name = "smoke"
     description = "..."
     [settings]                 # how cases run (see RunSettings)
     repeats = 5
@@ -27,9 +27,12 @@ keeps it honest against `tracked` in every run (the report lists the rows that h
 `deqbench predict` predicts every case.
 
 `model = [...]` may replace family x variant, and `config = { max_iter = 50 }` sets model config
-fields (not multiplied; checked against each model's config). DEQs have no depth and explicit models no solver or
-backward, so those axes do not multiply the cases they don't apply to. Untied explicit baselines
-are parameter-matched to their family's DEQ unless `settings.match_params = false`.
+fields (not multiplied; checked against each model's config); `instruments = ["predicted"]`
+measures a sweep's cases with those instruments only (e.g. paper sizes that do not fit here, in
+seconds and without allocating), and `match_params = false` keeps a sweep's untied baselines at
+their size's own shape (the paper's). DEQs have no depth and explicit models no solver or backward, so
+those axes do not multiply the cases they don't apply to. Untied explicit baselines are
+parameter-matched to their family's DEQ unless `settings.match_params = false`.
 """
 
 from __future__ import annotations
@@ -53,7 +56,10 @@ if TYPE_CHECKING:
 PRESET_DIR = Path(__file__).parent / "presets"
 AXES = ("family", "variant", "model", "solver", "backward", "depth", "seq_len", "batch", "size",
         "mode", "phase")
-KEYS = (*AXES, "config")  # config: model config overrides, the same for every case of a sweep
+# Not multiplied, the same for every case of a sweep: config (model config overrides) and
+# instruments (how its cases are measured, e.g. ["predicted"] for sizes that do not fit here),
+# match_params (the sweep's own [settings] match_params, e.g. false for the paper's shapes).
+KEYS = (*AXES, "config", "instruments", "match_params")
 PHASES = ("train", "eval", "fit")
 PREDICTED = ("sample", "all", "none")  # RunSettings.predicted
 MODES = ("core", "lm")
@@ -78,6 +84,8 @@ class Case:
     # Measure it with `predicted` too where the run uses the device's default instruments (the
     # matrix's [settings] predicted sample); not part of the case id.
     predict: bool = True
+    # the sweep's instruments; empty: the run's (--instruments, [settings], the device's own)
+    instruments: tuple[str, ...] = ()
 
     @property
     def is_deq(self) -> bool:
@@ -185,13 +193,7 @@ class RunSettings:
             raise bad("dtype", f"one of {', '.join(DTYPES)}")
         if not isinstance(self.instruments, tuple) or not all(isinstance(n, str) for n in self.instruments):
             raise bad("instruments", "a list of instrument names")
-        if self.instruments:
-            from bench.measure import list_instruments
-
-            unknown = [n for n in self.instruments if n not in list_instruments()]
-            if unknown:
-                raise SpecError(f"[settings] instruments: unknown instrument(s) {unknown}; "
-                                f"valid: {', '.join(list_instruments())}")
+        _check_instruments(self.instruments, "[settings]")
         if not isinstance(self.fit_data, str):
             raise bad("fit_data", "a string: synthetic[:options] or a directory")
         if self.fit_data != "synthetic":
@@ -229,6 +231,18 @@ def instrument_list(text: str | None, device: str, settings: RunSettings) -> tup
             raise SpecError(f"instrument {name} cannot run on {device} ({why}); drop it from "
                             "--instruments / [settings] instruments, or run on a device that has it")
     return tuple(names)
+
+
+def _check_instruments(names: tuple[str, ...], where: str) -> None:
+    if not all(isinstance(n, str) for n in names):
+        raise SpecError(f"{where} instruments must be a list of instrument names, got {list(names)!r}")
+    if names:
+        from bench.measure import list_instruments
+
+        unknown = [n for n in names if n not in list_instruments()]
+        if unknown:
+            raise SpecError(f"{where} instruments: unknown instrument(s) {unknown}; "
+                            f"valid: {', '.join(list_instruments())}")
 
 
 def _is_int(value: Any) -> bool:
@@ -368,7 +382,13 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
 
     models = _models_for(axes, where, notes)
     config = axes.get("config", {})  # a table: parse_matrix checked it
-    lists = {k: _as_list(v) for k, v in axes.items() if k not in ("family", "variant", "model", "config")}
+    instruments = tuple(_as_list(axes.get("instruments", [])))
+    _check_instruments(instruments, where)
+    match_params = axes.get("match_params", settings.match_params)
+    if not isinstance(match_params, bool):
+        raise SpecError(f"{where}: match_params must be true or false, got {match_params!r}")
+    lists = {k: _as_list(v) for k, v in axes.items()
+             if k not in ("family", "variant", "model", "config", "instruments", "match_params")}
     for key in ("seq_len", "batch", "depth"):
         for v in lists.get(key, []):
             if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**31:
@@ -406,8 +426,9 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
                 continue
             case = Case(model=name, family=spec.family, variant=spec.variant, size=size, mode=mode,
                         phase=phase, seq_len=seq_len, batch=batch, depth=depth, solver=solver,
-                        backward=backward, overrides=tuple(sorted(config.items())))
-            if settings.match_params and spec.variant == "untied" and not config:
+                        backward=backward, overrides=tuple(sorted(config.items())),
+                        instruments=instruments)
+            if match_params and spec.variant == "untied" and not config:
                 case = dataclasses.replace(case, overrides=_matched_overrides(case, notes))
             cases.append(case)
     return cases

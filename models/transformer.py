@@ -360,6 +360,9 @@ DEQ_TRANSFORMER_SIZES: dict[str, dict] = {
     # within a few hundred training steps (every solve then hits its iteration caps)
     "debug": dict(d_model=32, n_head=4, d_head=8, d_inner=128, vocab_size=256, weight_norm=True,
                   cutoffs=(32, 128), div_val=2),
+    # small: the default run's measured size, where activations dominate a training step's peak
+    "small": dict(d_model=128, n_head=4, d_head=32, d_inner=512, vocab_size=1024, weight_norm=True,
+                  cutoffs=(128, 512), div_val=2),
     # 4.5M: the small DEQ-Transformer (WT103); a wide FFN carries most parameters.
     "paper-small": dict(
         d_model=256, n_head=8, d_head=32, d_inner=7_650, vocab_size=WT103_VOCAB, weight_norm=True,

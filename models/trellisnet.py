@@ -95,12 +95,15 @@ SHAPES: dict[str, dict[str, object]] = {
     # floats) must outweigh the weights (~8 * h_size * (h_size + d_model), x4 with grads and Adam)
     # for the memory-vs-depth trend to show; the paper sizes are far on the activation side.
     "debug": dict(d_model=8, nhid=8, nout=8, vocab_size=64, cutoffs=(8, 24), div_val=2),
+    # small: the default run's measured size, where activations dominate a training step's peak
+    "small": dict(d_model=64, nhid=64, nout=64, vocab_size=1024, cutoffs=(128, 512), div_val=2),
     "paper-ptb": dict(d_model=400, nhid=1000, nout=400, vocab_size=10_000, dropout=0.45, dropouth=0.28),
     "paper-wt103": dict(d_model=500, nhid=1500, nout=500, vocab_size=267_735, dropout=0.1, dropouth=0.1,
                         cutoffs=WT103_SPLITS),
 }
 DEQ_SIZES = {
     "debug": {**SHAPES["debug"], "pretrain_depth": 8},
+    "small": {**SHAPES["small"], "pretrain_depth": 16},
     "paper-ptb": SHAPES["paper-ptb"],
     "paper-wt103": SHAPES["paper-wt103"],
     # locuslab/deq 3fba434 run_wt103_deq_trellisnet.sh: the paper-wt103 shapes, caps 45/45, chunks

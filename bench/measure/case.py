@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from bench.measure import default_instruments, make_instrument, measure
+from bench.measure.timing import NoisyTimingWarning
 from bench.results import COLUMNS
 
 if TYPE_CHECKING:
@@ -22,12 +24,14 @@ def measure_case(case: Case, device: str, settings: RunSettings,
 def measure_case_result(case: Case, device: str, settings: RunSettings,
                         instruments: tuple[str, ...]) -> dict[str, Any]:
     """Everything `measure()` returns for one case, extras included (e.g. the CUDA workspace a
-    torch_cuda peak holds besides the model's tensors), before it is cut down to a row. Without
-    named instruments: every one the device allows, `predicted` only where `case.predict`."""
-    names = list(instruments) or default_instruments(device, predicted=case.predict)
+    torch_cuda peak holds besides the model's tensors), before it is cut down to a row. The
+    case's own instruments (its sweep's) win over the run's."""
+    names = list(case.instruments or instruments) or default_instruments(device, predicted=case.predict)
     chosen = [make_instrument(n, repeats=settings.repeats, warmup=settings.warmup) if n == "timing"
               else make_instrument(n) for n in names]
-    return measure(case.workload(device, settings), chosen, warmup=max(1, settings.warmup))
+    with warnings.catch_warnings():  # a noisy timing marks its row (timing_noisy) instead
+        warnings.simplefilter("ignore", NoisyTimingWarning)
+        return measure(case.workload(device, settings), chosen, warmup=max(1, settings.warmup))
 
 
 def case_row(result: dict[str, Any], device: str) -> dict[str, Any]:

@@ -88,7 +88,8 @@ class Timing(Instrument):
             return {}
         stats = step_statistics(self.seconds, self._tokens)
         median, iqr = stats["step_s_median"], stats["step_s_iqr"]
-        if iqr is not None and median > 0 and iqr / median > self.max_rel_iqr:
+        stats["timing_noisy"] = None if iqr is None or median <= 0 else iqr / median > self.max_rel_iqr
+        if stats["timing_noisy"]:
             message = (
                 f"step time IQR/median = {iqr / median:.0%} > {self.max_rel_iqr:.0%} over "
                 f"{len(self.seconds)} steps: a busy machine? more repeats?"

@@ -76,7 +76,7 @@ def test_end_to_end_on_a_real_run(tmp_path, capsys):
     case fails with that case in the table, a baseline of another device kind is refused."""
     run = tmp_path / "run"
     train, forward = "trellisnet/debug/core/train/T32/B2/L4", "trellisnet/debug/core/eval/T32/B2/L4"
-    assert main(["run", "--preset", "quick", "--only", f"{train},{forward}", "--out", str(run),
+    assert main(["run", "--preset", "smoke", "--only", f"{train},{forward}", "--out", str(run),
                  "--no-progress", "--no-report"]) == 0
     rows = read_results(run).to_dict("records")
     assert sorted(r["case_id"] for r in rows) == sorted([train, forward])

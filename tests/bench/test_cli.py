@@ -131,8 +131,8 @@ BAD = [
     (["run", "--out", "a-file/run"], "is not a directory"),
     (["run", "--out", "done"], "already holds results.csv; use --resume"),
     (["run", "--resume", "--out", "nothing-here"], "nothing to resume"),
-    (["run", "--only", "no-such-case"], "matches no case of quick"),
-    (["run", "--preset", "quick", "--matrix", "bad.toml"], "give --preset or --matrix, not both"),
+    (["run", "--only", "no-such-case"], "matches no case of default"),
+    (["run", "--preset", "smoke", "--matrix", "bad.toml"], "give --preset or --matrix, not both"),
     (["run", "--colour"], "unrecognized arguments: --colour"),
     (["run", "--device", "cpu", "--instruments", "torch_cuda"],
      "instrument torch_cuda cannot run on cpu (the workload runs on cpu, not CUDA); drop it"),
@@ -308,7 +308,7 @@ def test_list_json_names_models_presets_solvers_instruments(capsys):
     assert main(["list", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert {"deq-transformer", "transformer", "deq-trellisnet", "trellisnet"} <= set(listing["models"])
-    assert "quick" in listing["presets"] and listing["presets"]["quick"]["cases"] > 0
+    assert "smoke" in listing["presets"] and listing["presets"]["default"]["cases"] > 0
     assert listing["solvers"] == ["anderson", "broyden", "fixed_point"]
     assert {"tracked", "predicted", "torch_cuda", "nvml", "flops", "timing"} <= set(listing["instruments"])
 

@@ -1,7 +1,7 @@
 """Memory regression tests: this checkout's bytes against the committed baselines, and the scaling
 laws that hold on any machine.
 
-- CPU: every case of `results/baselines/cpu.json` (the quick preset) measured in-process by the
+- CPU: every case of `results/baselines/cpu.json` (the smoke preset) measured in-process by the
   runner's own path, tracked bytes, FLOPs and parameter counts within 1% of the baseline, both
   ways (a number that fell means the baseline is stale); predicted bytes for a fast subset (every
   case with `-m slow`). The comparison is `bench.check.compare_cases`, the code behind
@@ -56,7 +56,7 @@ PREDICTED_CASES = (
     "deq-trellisnet/debug/core/eval/T32/B2/broyden/implicit",
 )
 
-QUICK = load_preset("quick")  # the preset cpu.json is made from
+QUICK = load_preset("smoke")  # the preset cpu.json is made from
 QUICK_CASES: dict[str, Case] = {c.case_id: c for c in QUICK.cases}
 GPU_VALIDATE = load_preset("gpu-validate")  # the preset the GPU workflow runs and checks
 GPU_CASES: dict[str, Case] = {c.case_id: c for c in GPU_VALIDATE.cases}
@@ -118,10 +118,10 @@ def _explain(findings: list[Finding]) -> str:
 
 
 # -- CPU: the committed baseline ------------------------------------------------------------------
-def test_cpu_baseline_is_the_quick_preset():
+def test_cpu_baseline_is_the_smoke_preset():
     baseline = cpu_baseline()
-    assert baseline["device_kind"] == "cpu" and baseline["source"]["matrix"] == "quick"
-    assert set(baseline["cases"]) == set(QUICK_CASES), f"quick and cpu.json list other cases; {REFRESH}"
+    assert baseline["device_kind"] == "cpu" and baseline["source"]["matrix"] == "smoke"
+    assert set(baseline["cases"]) == set(QUICK_CASES), f"smoke and cpu.json list other cases; {REFRESH}"
     assert {record["status"] for record in baseline["cases"].values()} == {"ok"}
 
 
@@ -284,7 +284,7 @@ def test_checkpointed_transformer_keeps_one_input_per_layer():
     assert peaks[16] - peaks[8] == 8 * _state_bytes("transformer-ckpt", B, T)
 
 
-# DEQ-Transformer against its 16-layer weight-tied twin, the quick preset's largest debug cases
+# DEQ-Transformer against its 16-layer weight-tied twin, the smoke preset's largest debug cases
 # (seq 128, batch 2): 64.8% less at the training peak with torch 2.13.0.
 REFERENCE = ("deq-transformer/debug/core/train/T128/B2/broyden/implicit",
              "transformer-tied/debug/core/train/T128/B2/L16")

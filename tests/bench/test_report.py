@@ -107,7 +107,10 @@ def test_pair_tables_match_the_csv(quick):
                 value, tol = parse_bytes(cell)
                 assert abs(value - true) <= tol, (cell, true)
             assert close(row["reduction"], 100 * (1 - deq.peak_bytes / base.peak_bytes), "%")
-            assert close(row["slowdown"], deq.step_s_median / base.step_s_median, "×")
+            noisy = any(r.step_s_iqr / r.step_s_median > 0.10 for r in (deq, base))
+            slowdown = row["slowdown"].removesuffix(" ~")
+            assert row["slowdown"].endswith(" ~") == noisy  # a noisy timing is marked
+            assert close(slowdown, deq.step_s_median / base.step_s_median, "×")
             nfe = f"{deq.nfe_forward:.0f}/" + (f"{deq.nfe_backward:.0f}" if row["phase"] == "train" else "—")
             assert row["NFE f/b"] == nfe
             assert int(row["params DEQ"].replace(",", "")) == deq.params_nonembed
@@ -117,23 +120,26 @@ def test_pair_tables_match_the_csv(quick):
     assert checked == 40  # 24 transformer + 16 trellisnet pairs
 
 
-def test_claim_paragraph_counts_match_the_csv(quick):
+def test_verdict_section_counts_match_the_csv(quick):
     _, md, df = quick
-    paragraph = md.split("## Where the paper's 88% holds")[1].split("##")[0]
+    section = md.split("## Verdict")[1].split("\n## ")[0]
     train = df[df["phase"] == "train"]
     deq = train[train["variant"] == "deq"].set_index(["family", "seq_len"])["peak_bytes"]
     base = train[train["variant"] != "deq"]
     reductions = [1 - deq[(b.family, b.seq_len)] / b.peak_bytes for b in base.itertuples()]
     held = sum(r >= CLAIM for r in reductions)
     worse = sum(r < 0 for r in reductions)
-    assert f"Over the {len(reductions)} training-step DEQ–baseline pairs" in paragraph
-    assert f"saves at least 88% in {held} of them" in paragraph
-    assert f"uses more memory than its baseline in {worse}." in paragraph
-    # the best pair against the weight-tied transformer, with its shape
+    assert f"Over the {len(reductions)} training-step DEQ–baseline pairs" in section
+    assert f"saves at least 88% in {held} of them" in section
+    assert f"uses more memory than its baseline in {worse}." in section
+    paragraph = section.strip().split("\n\n")[0]
+    assert paragraph.count(". ") + 1 <= 3  # no generated paragraph longer than three sentences
+    # the best pair against the weight-tied transformer, with its shape, in its verdict line
     tied = base[base["model"] == "transformer-tied"]
     best = max(tied.itertuples(), key=lambda b: 1 - deq[(b.family, b.seq_len)] / b.peak_bytes)
     best_pct = 100 * (1 - deq[(best.family, best.seq_len)] / best.peak_bytes)
-    assert f"to {best_pct:.1f}% (T={best.seq_len}, L={best.depth:.0f})" in paragraph
+    line = next(li for li in section.splitlines() if li.startswith("- DEQ-Transformer vs weight-tied"))
+    assert f"best {best_pct:.1f}% at T={best.seq_len}, L={best.depth:.0f}" in line
 
 
 def test_environment_and_failures(quick):

@@ -82,12 +82,12 @@ def test_matrix_file_errors(tmp_path):
     bad.write_text("[sweep\nmodel = 1")
     with pytest.raises(SpecError, match="does not parse as TOML"):
         load_matrix(bad)
-    with pytest.raises(SpecError, match=r"unknown preset 'nope'; valid presets: .*quick"):
+    with pytest.raises(SpecError, match=r"unknown preset 'nope'; valid presets: .*smoke"):
         load_preset("nope")
 
 
 def test_presets_exist():
-    assert {"quick", "seq-sweep", "depth-sweep", "paper", "gpu-validate"} <= set(list_presets())
+    assert {"default", "smoke", "seq-sweep", "depth-sweep", "paper", "gpu-validate"} <= set(list_presets())
 
 
 def test_predicted_sample_is_each_models_first_case_and_every_case_beyond_debug(toy_models):
@@ -115,3 +115,40 @@ def test_a_case_outside_the_sample_runs_every_instrument_but_predicted(toy_model
     assert row["predicted_bytes"] is None and row["tracked_bytes"] and row["flops_per_token"]
     sampled = dataclasses.replace(case, predict=True)
     assert measure_case_result(sampled, "cpu", RunSettings(repeats=1, warmup=0), ())["predicted_bytes"]
+
+
+
+
+def test_a_sweep_names_its_own_instruments(toy_models):
+    m = parse_matrix({"defaults": {"seq_len": 8, "batch": 2},
+                      "sweep": [{"model": "toy-tied", "depth": 2},
+                                {"model": "toy-tied", "depth": 64, "instruments": ["predicted"]}]})
+    by_depth = {c.depth: c for c in m.cases}
+    assert by_depth[2].instruments == () and by_depth[64].instruments == ("predicted",)
+    assert "instruments" not in by_depth[64].case_id  # how a case is measured is not what it is
+    with pytest.raises(SpecError, match=r"unknown instrument\(s\) \['sonar'\]"):
+        parse_matrix({"defaults": {"seq_len": 8, "batch": 2},
+                      "sweep": [{"model": "toy-tied", "depth": 2, "instruments": "sonar"}]})
+
+
+def test_the_case_instruments_win_over_the_runs(toys):
+    from bench.measure.case import measure_case
+    from bench.spec import Case, RunSettings
+
+    case = Case(model="toy-tied", family="toy", variant="tied", seq_len=8, batch=2, depth=2,
+                instruments=("predicted",))
+    row = measure_case(case, "cpu", RunSettings(), ("tracked", "flops"))
+    assert row["memory_source"] == "predicted" and row["tracked_bytes"] is None
+    assert row["flops_per_token"] is None
+
+
+def test_a_sweep_may_keep_its_untied_baselines_unmatched():
+    m = parse_matrix({"defaults": {"seq_len": 8, "batch": 2, "size": "debug"},
+                      "sweep": [{"model": "transformer", "depth": 16},
+                                {"model": "transformer", "depth": 8, "match_params": False}]})
+    by_depth = {c.depth: c for c in m.cases}
+    assert by_depth[16].overrides  # matched: narrower layers
+    assert by_depth[8].overrides == ()
+    with pytest.raises(SpecError, match="match_params must be true or false"):
+        parse_matrix({"defaults": {"seq_len": 8, "batch": 2},
+                      "sweep": [{"model": "transformer", "depth": 8, "match_params": "no"}]})

@@ -22,7 +22,7 @@ from bench.env import device_name
 from bench.measure import Bench, Workload, make_instrument
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BATCH, SEQ_LEN = 2, 128  # the quick preset's largest debug case
+BATCH, SEQ_LEN = 2, 128  # the smoke preset's largest debug case
 MODELS = [  # each DEQ beside its 16-layer weight-tied twin
     ("deq-transformer", None),
     ("transformer-tied", 16),

@@ -95,6 +95,20 @@ def test_timing_warms_up_repeats_and_flags_noise():
     assert r["timing_steps"] == 8 and 0.005 <= r["step_s_median"] <= 0.1
     assert r["tokens_per_s"] == pytest.approx(64 / r["step_s_median"])
     assert r["step_s_iqr"] > 0.1 * r["step_s_median"] and timing.notes
+    assert r["timing_noisy"] is True  # the row is marked, for the report
+
+
+def test_steady_steps_are_not_noisy(monkeypatch):
+    ticks = iter(range(1000))  # a clock whose every step takes exactly 10 ms
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.01 * next(ticks))
+    timing = Timing(warmup=0, repeats=6)
+    bench = SleepyBench([0.0])
+    timing.start(bench, TIMED)
+    for _ in range(6):
+        timing.before_step(bench)
+        timing.after_step(bench)
+    r = timing.results()
+    assert r["step_s_median"] == pytest.approx(0.01) and r["timing_noisy"] is False
 
 
 def test_timing_options_are_checked_and_registered():
