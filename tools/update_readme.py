@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DEFAULT_RUN = ROOT / "results" / "reference" / "cpu" / "default"
+AUDIT_RUN = ROOT / "results" / "reference" / "cpu" / "paper-audit"
 BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)",
                    re.DOTALL)
 
@@ -51,7 +52,15 @@ def paper_block() -> str:
     return "\n".join(lines) + "\n"
 
 
-GENERATORS: dict[str, Callable[[], str]] = {"verdict": verdict_block, "paper-table": paper_block}
+def explain_block() -> str:
+    from bench.analysis import RunView
+    from bench.explain_text import readme_section
+
+    return readme_section(RunView.load(AUDIT_RUN), str(AUDIT_RUN.relative_to(ROOT)))
+
+
+GENERATORS: dict[str, Callable[[], str]] = {"verdict": verdict_block, "paper-table": paper_block,
+                                            "explain": explain_block}
 
 
 def regenerate(text: str) -> tuple[str, list[str]]:

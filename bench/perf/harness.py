@@ -1,12 +1,12 @@
 """The harness's own speed (issue 18): how much of a run is measuring, and what the rest costs.
 
-    python -m bench.perf.harness                       # every goal, the quick preset, 3 rounds
+    python -m bench.perf.harness                       # every goal, the smoke preset, 3 rounds
     python -m bench.perf.harness --goals run --preset paper --only deq-trellisnet
     python -m bench.perf.harness --against /tmp/main   # each goal paired with another checkout
 
 Goals (targets of issue 18):
     help     `deqbench --help` wall time                                    <= 0.5 s
-    figures  importing the plots and drawing the quick run's figures        <= 3 s
+    figures  importing the plots and drawing the smoke run's figures        <= 3 s
     predict  `deqbench predict`: seconds per case (worker side)             >= 2x faster
     run      `deqbench run`: measured steps / wall time                     >= 40%
              (with where the rest goes: start-up, workers, passes, figures)
@@ -289,7 +289,7 @@ def report(goal: str, results: dict[str, list[dict]], names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.perf.harness", description=__doc__.split("\n")[0])
     parser.add_argument("--goals", default=",".join(GOALS), help=f"comma-separated: {', '.join(GOALS)}")
-    parser.add_argument("--preset", default="quick", help="the preset run and predicted (default quick)")
+    parser.add_argument("--preset", default="smoke", help="the preset run and predicted (default smoke)")
     parser.add_argument("--only", help="the cases of the preset to run (deqbench run --only)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--against", type=Path, help="another checkout, measured in alternating rounds")
