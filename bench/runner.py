@@ -46,6 +46,13 @@ class RunOptions:
     memory_limit: int | None = None  # bytes of extra address space per case (CPU)
     instruments: tuple[str, ...] = ()  # empty: the matrix's [settings] instruments, else all the device allows
     progress: bool = True
+    launcher: Any = None  # a bench.launchers.LauncherConfig; None: one local worker
+
+    @property
+    def launcher_config(self):
+        from bench.launchers import LauncherConfig
+
+        return self.launcher or LauncherConfig()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -68,42 +75,58 @@ def select_cases(cases: Sequence[Case], only: str | None) -> list[Case]:
 
 
 class _Worker:
-    """One spawned worker process and its pipe; its stdout and stderr go to `log`."""
+    """One spawned worker process and its pipe; its stdout and stderr go to `log`. `environ`:
+    variables the worker starts with (CUDA_VISIBLE_DEVICES pins it to one GPU); `device`: what it
+    measures on (default the run's)."""
 
-    def __init__(self, options: RunOptions, matrix: Matrix, log: Path) -> None:
+    def __init__(self, options: RunOptions, matrix: Matrix, log: Path,
+                 environ: dict[str, str] | None = None, device: str | None = None) -> None:
         from bench.worker import serve
 
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.log = log
+        self.case: Case | None = None  # the case it is measuring
         self.process = ctx.Process(
             target=serve,
-            args=(child, options.device, options.memory_limit, asdict(matrix.settings),
+            args=(child, device or options.device, options.memory_limit, asdict(matrix.settings),
                   options.instruments or matrix.settings.instruments, str(log), os.getpid()),
             daemon=True,
         )
-        with _spawn_environment(options.memory_limit):
+        with _spawn_environment(options.memory_limit, environ):
             self.process.start()
         child.close()
 
     def run(self, case: Case, timeout_s: float) -> dict[str, Any]:
-        t0 = time.monotonic()
-        log_start = _size(self.log)
-        oom_kills = oom_kill_counters()
+        self.send(case, timeout_s)
         try:
-            self.conn.send(case.to_message())
             answered = self.conn.poll(timeout_s)  # True on a row, and on EOF (a dead worker)
         except OSError:  # the pipe broke: the worker is gone
             answered = True
-        if answered:
-            with contextlib.suppress(EOFError, OSError):
-                return self.conn.recv()
-            self.process.join(10)
-            return death_row(self.process.exitcode, time.monotonic() - t0, oom_kills,
-                             oom_kill_counters(), _read_from(self.log, log_start))
+        return self.collect() if answered else self.expire()
+
+    def send(self, case: Case, timeout_s: float) -> None:
+        """Hand the worker a case; its row comes with `collect` once `conn` is readable (a row,
+        or EOF: the worker died), else `expire` after `deadline`."""
+        self.case, self.timeout_s = case, timeout_s
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + timeout_s
+        self.log_start = _size(self.log)
+        self.oom_kills = oom_kill_counters()
+        with contextlib.suppress(OSError):  # a broken pipe: collect() reads the EOF
+            self.conn.send(case.to_message())
+
+    def collect(self) -> dict[str, Any]:
+        with contextlib.suppress(EOFError, OSError):
+            return self.conn.recv()
+        self.process.join(10)
+        return death_row(self.process.exitcode, time.monotonic() - self.t0, self.oom_kills,
+                         oom_kill_counters(), _read_from(self.log, self.log_start))
+
+    def expire(self) -> dict[str, Any]:
         self.kill()
-        return {"status": "timeout", "elapsed_s": time.monotonic() - t0,
-                "error": f"no result within the {timeout_s:g} s case time limit"}
+        return {"status": "timeout", "elapsed_s": time.monotonic() - self.t0,
+                "error": f"no result within the {self.timeout_s:g} s case time limit"}
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -120,26 +143,26 @@ class _Worker:
 
 
 @contextlib.contextmanager
-def _spawn_environment(memory_limit: int | None) -> Iterator[None]:
+def _spawn_environment(memory_limit: int | None, environ: dict[str, str] | None = None) -> Iterator[None]:
     """What a worker inherits at its start: SIGINT ignored (a terminal's Ctrl-C reaches the whole
-    process group; the runner handles it and kills the worker), and under a memory limit
-    PYTHONMALLOC=malloc (see bench.worker). A Ctrl-C meanwhile waits (blocked) for the runner."""
+    process group; the runner handles it and kills the worker), `environ`, and under a memory
+    limit PYTHONMALLOC=malloc (see bench.worker). A Ctrl-C meanwhile waits (blocked) for the runner."""
     main = threading.current_thread() is threading.main_thread()
     blocked = main and hasattr(signal, "pthread_sigmask")
     if blocked:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    malloc = os.environ.get("PYTHONMALLOC")
-    if memory_limit is not None:
-        os.environ["PYTHONMALLOC"] = "malloc"
+    environ = {**(environ or {}), **({"PYTHONMALLOC": "malloc"} if memory_limit is not None else {})}
+    saved = {key: os.environ.get(key) for key in environ}
+    os.environ.update(environ)
     try:
         yield
     finally:
-        if memory_limit is not None:
-            if malloc is None:
-                os.environ.pop("PYTHONMALLOC", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
             else:
-                os.environ["PYTHONMALLOC"] = malloc
+                os.environ[key] = value
         if main:
             signal.signal(signal.SIGINT, handler)
         if blocked:
@@ -223,12 +246,13 @@ def _read_from(path: Path, offset: int, most: int = 1 << 16) -> str:
 def run_record(cases: Sequence[Case], matrix: Matrix, options: RunOptions, only: str | None) -> dict[str, Any]:
     """What `--resume` must find unchanged: env.json's `run` (bench.rundir.fingerprint)."""
     run_options = {"device": options.device, "memory_limit": options.memory_limit,
-                   "instruments": list(options.instruments or matrix.settings.instruments)}
+                   "instruments": list(options.instruments or matrix.settings.instruments),
+                   **options.launcher_config.record()}
     return rundir.fingerprint([c.case_id for c in cases], asdict(matrix.settings), run_options, only)
 
 
 def write_env(out: Path, matrix: Matrix, run: dict[str, Any], *, resume: bool,
-              argv: list[str] | None, device: str) -> None:
+              argv: list[str] | None, device: str, launcher: dict[str, Any] | None = None) -> None:
     """env.json: written when a run starts; a resume adds itself to `resumes`."""
     from bench import env as envmod
 
@@ -243,6 +267,8 @@ def write_env(out: Path, matrix: Matrix, run: dict[str, Any], *, resume: bool,
         env["run"] = run
         if matrix.settings.threads is not None:
             env["torch_threads"] = matrix.settings.threads  # what the workers use
+        if launcher:
+            env["launcher"] = launcher  # bench.launchers.LauncherConfig.describe()
     write_json(out / ENV, env)
 
 
@@ -253,6 +279,10 @@ def run_matrix(matrix: Matrix, out: Path, options: RunOptions, *, resume: bool =
     the cases without a row and those whose worker was killed; `retry_failed` also those that
     failed (oom, error, timeout). RunDirError (before anything is written) if `out` is in use,
     or was started with other cases or options; `on_start` is called once those checks pass."""
+    from bench.launchers import make_launcher, with_threads
+
+    config = options.launcher_config
+    matrix = with_threads(matrix, config, options.device)
     cases = select_cases(matrix.cases, only)
     run = run_record(cases, matrix, options, only)
     if resume:
@@ -270,47 +300,22 @@ def run_matrix(matrix: Matrix, out: Path, options: RunOptions, *, resume: bool =
         again = set(FAILED_STATUSES) if retry_failed else {"killed"}
         todo = [c for c in cases
                 if c.case_id not in results.rows or results.rows[c.case_id].get("status") in again]
-        worker = _Worker(options, matrix, out / rundir.WORKER_LOG) if todo else None  # starts meanwhile
+        launcher = make_launcher(config)
         try:
-            write_env(out, matrix, run, resume=resume, argv=argv, device=options.device)
-        except BaseException:
-            if worker is not None:
-                worker.kill()
-            raise
-        return _run_cases(todo, matrix, options, results, worker, done=len(cases) - len(todo))
+            if todo:
+                launcher.start(todo, matrix, options, results)  # workers start meanwhile
+            write_env(out, matrix, run, resume=resume, argv=argv, device=options.device,
+                      launcher=config.describe() if config.record() else None)
+            return launcher.run(todo, matrix, options, results, done=len(cases) - len(todo))
+        finally:
+            launcher.stop()
 
 
-def _run_cases(todo: list[Case], matrix: Matrix, options: RunOptions, results: rundir.Results,
-               worker: _Worker | None, done: int) -> list[dict[str, Any]]:
-    # A worker serves several cases only where its history cannot change a measurement.
-    fresh = options.device.startswith("cuda") or options.memory_limit is not None
-    rows: list[dict[str, Any]] = []
-    bar = _progress(len(todo), options.progress, skipped=done)
-    try:
-        for case in todo:
-            if bar is not None:
-                bar.set_postfix_str(case.case_id, refresh=False)
-            if worker is None:
-                worker = _Worker(options, matrix, results.run_dir / rundir.WORKER_LOG)
-            result = worker.run(case, matrix.settings.timeout_s)
-            rows.append(results.add(_row(case, result, options.device)))
-            healthy = result.get("status") in OK_STATUSES
-            if fresh or not healthy:
-                worker.close() if healthy else worker.kill()
-                worker = None
-            if bar is not None:
-                bar.update(1)
-    except BaseException:
-        if worker is not None:  # stopped: the running case is dropped, now
-            worker.kill()
-            worker = None
-        raise
-    finally:
-        if worker is not None:
-            worker.close()
-        if bar is not None:
-            bar.close()
-    return rows
+def fresh_workers(options: RunOptions) -> bool:
+    """Whether every case needs a fresh worker: on CUDA (allocator caches, the context) and under
+    a memory limit (address space). On the CPU a worker's history cannot change a measurement
+    (tracked and predicted bytes count live storages from zero, timing follows warm-up)."""
+    return options.device.startswith("cuda") or options.memory_limit is not None
 
 
 def _row(case: Case, result: dict[str, Any], device: str) -> dict[str, Any]:
@@ -352,7 +357,9 @@ def interrupted_line(out: Path, args: Sequence[str], out_given: bool) -> str:
             f"`deqbench {' '.join(again)}`")
 
 
-def _progress(total: int, enabled: bool, skipped: int = 0):
+def progress_bar(total: int, enabled: bool, skipped: int = 0):
+    """The run's one bar (tqdm on stderr), or None; launchers put running / queued counts in its
+    postfix (`counts_text`)."""
     if not enabled:
         return None
     from tqdm import tqdm
@@ -360,6 +367,10 @@ def _progress(total: int, enabled: bool, skipped: int = 0):
     desc = f"cases ({skipped} already done)" if skipped else "cases"
     return tqdm(total=total, desc=desc, unit="case", file=sys.stderr, dynamic_ncols=True,
                 bar_format="{desc}: {n}/{total} |{bar}| {elapsed}<{remaining} {postfix}")
+
+
+def counts_text(running: int, queued: int, done: int) -> str:
+    return f"running {running}, queued {queued}, done {done}"
 
 
 def default_out_dir(root: Path = Path("results")) -> Path:
