@@ -88,11 +88,12 @@ SCHEMA: tuple[Column, ...] = (
            "NVML: the process's GPU memory before the model is built (the CUDA context), the idle "
            "baseline nvml_process_bytes leaves out"),
     Column("timing_noisy", "bool", "step times spread more than 10% (IQR/median): read as rough"),
+    Column("job_id", "text", "the SLURM job that ran the case (--launcher slurm; 123 or 123_4 in an array)"),
 )
 COLUMNS: tuple[str, ...] = tuple(c.name for c in SCHEMA)
 # Columns added after the first layout: a results.csv written before them is complete without.
 LATER_COLUMNS = ("predicted_cuda_bytes", "converged", "nvml_process_baseline_bytes",
-                 "timing_noisy")
+                 "timing_noisy", "job_id")
 KINDS: dict[str, str] = {c.name: c.kind for c in SCHEMA}
 CASE_COLUMNS = COLUMNS[: COLUMNS.index("phase") + 1]
 TEXT_KINDS = ("text", "json")

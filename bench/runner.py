@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import rundir
-from bench.results import COLUMNS, ENV, FAILED_STATUSES, OK_STATUSES, read_env, write_json
+from bench.results import COLUMNS, ENV, FAILED_STATUSES, read_env, write_json
 from bench.spec import Case, Matrix
 
 # Signals that end a worker from outside (someone, or something, killed it): its case's outcome

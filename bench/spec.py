@@ -261,11 +261,13 @@ class Matrix:
     settings: RunSettings = field(default_factory=RunSettings)
     source: str = ""
     notes: tuple[str, ...] = ()  # e.g. family x variant combinations that do not exist
+    launcher: Mapping[str, Any] = field(default_factory=dict)  # [launcher]: defaults the CLI overrides
 
 
 def catalog() -> dict[str, Any]:
     """Every name a matrix can use (`deqbench list`): models with their family, variant and
     sizes; presets with their case counts; solvers, backward modes, instruments."""
+    from bench.launchers import list_launchers
     from bench.measure import list_instruments
     from models import BACKWARDS, SOLVERS, list_models, model_spec
 
@@ -274,7 +276,8 @@ def catalog() -> dict[str, Any]:
     presets = {name: {"description": (m := load_preset(name)).description, "cases": len(m.cases)}
                for name in list_presets()}
     return {"models": models, "presets": presets, "solvers": sorted(SOLVERS),
-            "backwards": sorted(BACKWARDS), "instruments": list_instruments()}
+            "backwards": sorted(BACKWARDS), "instruments": list_instruments(),
+            "launchers": list_launchers()}
 
 
 def list_presets() -> list[str]:
@@ -306,8 +309,14 @@ def load_matrix(path: str | Path) -> Matrix:
 
 def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = "matrix") -> Matrix:
     where = source or "matrix"
-    _no_unknown(data, ("name", "description", "settings", "defaults", "sweep"), where)
+    _no_unknown(data, ("name", "description", "settings", "defaults", "sweep", "launcher"), where)
     settings = _settings(data.get("settings", {}), where)
+    launcher = data.get("launcher", {})
+    if not isinstance(launcher, Mapping):
+        raise SpecError(f"{where}: [launcher] must be a table, e.g. [launcher] name = \"local\", got {launcher!r}")
+    from bench.launchers import launcher_config
+
+    launcher_config(launcher, f"{where} [launcher]")  # checked now: a bad key fails before anything runs
     defaults = data.get("defaults", {})
     _no_unknown(defaults, KEYS, f"{where} [defaults]")
     _config_table(defaults, f"{where} [defaults]")
@@ -332,6 +341,7 @@ def parse_matrix(data: Mapping[str, Any], source: str = "", default_name: str = 
     return Matrix(
         name=str(data.get("name", default_name)), description=str(data.get("description", "")),
         cases=unique, settings=settings, source=source, notes=tuple(dict.fromkeys(notes)),
+        launcher=dict(launcher),
     )
 
 

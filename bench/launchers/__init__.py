@@ -75,9 +75,10 @@ class LauncherConfig:
                  (None, ())]
         other = [k for k in given if k.startswith("slurm_") != (self.name == "slurm")]
         if other:
+            other_name = "slurm" if self.name == "local" else "local"
+            kind = "--slurm-* options go" if self.name == "local" else "--workers and --gpus go"
             raise SpecError(f"{_option(other[0])} does not apply to --launcher {self.name}: "
-                            f"{'slurm_' if self.name == 'local' else 'local '}options go with "
-                            f"--launcher {'slurm' if self.name == 'local' else 'local'}")
+                            f"{kind} with --launcher {other_name}")
 
     @property
     def parallel(self) -> int:

@@ -22,8 +22,7 @@ from typing import Any
 from bench import rundir
 from bench.launchers import LauncherConfig, register_launcher
 from bench.results import OK_STATUSES
-from bench.runner import (RunOptions, _row, _Worker, counts_text, fresh_workers,
-                          progress_bar)
+from bench.runner import RunOptions, _row, _Worker, counts_text, fresh_workers, progress_bar
 from bench.spec import Case, Matrix
 
 
@@ -52,7 +51,7 @@ class LocalLauncher:
         self.slots: list[_Slot] = []
 
     def gpus(self, options: RunOptions) -> list[int | None]:
-        if not options.device.startswith("cuda") or self.config.parallel == 1 and not self.config.gpus:
+        if not options.device.startswith("cuda") or (self.config.parallel == 1 and not self.config.gpus):
             return [None] * self.config.parallel  # one worker keeps the run's device as given
         return list(self.config.gpus or range(self.config.parallel))
 
@@ -96,6 +95,7 @@ class LocalLauncher:
                         worker.close() if healthy else worker.kill()
                         slot.worker = None
                     if bar is not None:
+                        bar.set_postfix_str(counts_text(len(busy), len(queue), len(rows)), refresh=False)
                         bar.update(1)
         except BaseException:  # stopped: the running cases are dropped, now
             for slot in busy:
