@@ -89,13 +89,24 @@ def render(run: RunView, figures: plots.Figures) -> str:
     out += ["## Predicted against tracked", "", *predicted_section(run), ""]
     out += ["## Figures", "", *figure_section(figures, hide=EXPLAIN_FIGURES), ""]
     out += ["## Cases that did not finish", "", *failures(df), ""]
-    notes = [*figures.notes]
+    notes = [*figures.notes, *launcher_notes(run.env)]
     if notes:
         out += ["## Notes", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
 # -- sections -----------------------------------------------------------------------------------
+def launcher_notes(env: dict) -> list[str]:
+    """What the launcher means for reading the rows: timings of concurrent workers."""
+    launcher = env.get("launcher") or {}
+    if not launcher.get("concurrent"):
+        return []
+    return [f"**Timings taken with {launcher.get('workers')} concurrent workers** (`--launcher local "
+            f"--workers {launcher.get('workers')}`): the cases shared this machine's cores and memory "
+            "bandwidth while timed, so step times, tokens/s and slowdowns are of a loaded machine; "
+            "compare them only with runs of the same launcher. Memory columns are exact either way."]
+
+
 def environment(run: RunView) -> list[str]:
     env, df = run.env, run.df
     rows: list[tuple[str, str]] = []
@@ -131,6 +142,11 @@ def environment(run: RunView) -> list[str]:
     versions = env.get("versions") or {}
     if versions:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)))
+    launcher = env.get("launcher") or {}
+    if launcher:
+        rows.append(("launcher", f"{launcher.get('name')}" + (
+            f", {launcher.get('workers')} concurrent workers (timings marked)" if launcher.get("concurrent")
+            else "")))
     if env.get("command"):
         rows.append(("command", f"`{env['command']}`"))
     return md_table(["", ""], rows)

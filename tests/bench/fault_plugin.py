@@ -5,6 +5,8 @@ so `predicted` is unaffected):
     fault = "sleep"    sleep `seconds` in every forward (a case that is still running)
     fault = "sigkill"  the worker kills itself with SIGKILL (no out-of-memory involved)
     fault = "noisy"    30 lines on stderr, then a RuntimeError with a two-line message
+    fault = "hog"      touch `megabytes` of memory 10 MB at a time (slowly enough for SLURM's 1 s
+                       RSS poll to catch it), then go on as usual
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ NOISE_LINES = 30
 class ToyFaultConfig(ToyStackConfig):
     fault: str = ""
     seconds: float = 0.0
+    megabytes: int = 0
 
 
 class ToyFault(_Toy):
@@ -49,6 +52,12 @@ class ToyFault(_Toy):
             time.sleep(self.config.seconds)
         elif fault == "sigkill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif fault == "hog":
+            chunks = []
+            for _ in range(self.config.megabytes // 10):
+                chunks.append(b"x" * (10 << 20))
+                time.sleep(0.02)
+            del chunks
         elif fault == "noisy":
             for i in range(NOISE_LINES):
                 print(f"toy-fault noise line {i}", file=sys.stderr, flush=True)

@@ -58,16 +58,17 @@ def _until(condition, proc, timeout=120.0) -> None:
         time.sleep(0.005)
 
 
-def _kill_and_resume(out: Path, matrix_file: Path, rng: random.Random, kills: int) -> list[tuple]:
+def _kill_and_resume(out: Path, matrix_file: Path, rng: random.Random, kills: int,
+                     extra: tuple[str, ...] = (), env_extra=None) -> list[tuple]:
     """Start (or resume) the run in `out` and SIGKILL its runner, `kills` times: in its first
     second (imports, parsing, mkdir, the lock), once it holds the folder (recovery, the
     worker's start, env.json), as a row lands (the merge into results.csv), or in the next case.
     Returns (where, rows before, rows after, exit code) per kill."""
-    args = ("run", "--matrix", str(matrix_file), *ARGS, "--out", str(out))
+    args = ("run", "--matrix", str(matrix_file), *ARGS, *extra, "--out", str(out))
     history = []
     for i in range(kills):
         before = _rows(out)
-        proc = _deqbench(*args, *(["--resume"] if holds_run(out) else []))
+        proc = _deqbench(*args, *(["--resume"] if holds_run(out) else []), env_extra=env_extra)
         where = ("start", "held", "row", "case")[i % 4]
         if where == "start":
             time.sleep(rng.uniform(0.0, 1.0))
@@ -123,3 +124,20 @@ def test_a_row_torn_inside_a_quoted_field_does_not_eat_a_row_on_resume(tmp_path,
     resumed, full = read_results(torn), read_results(clean)
     assert resumed["case_id"].tolist() == full["case_id"].tolist()  # each once, matrix order
     assert resumed[DETERMINISTIC].equals(full[DETERMINISTIC])
+
+
+def test_sigkill_under_two_local_workers_then_resume_equals_a_clean_run(tmp_path, matrix_file, clean):
+    """The local launcher with two workers (rows land out of matrix order), 6 kills: every case
+    once, in matrix order, with the deterministic columns of the one-worker run."""
+    seed = int(os.environ.get("DEQBENCH_FAULT_SEED", random.randrange(2**32)))
+    out, extra = tmp_path / "run", ("--workers", "2")
+    chain = _kill_and_resume(out, matrix_file, random.Random(seed), KILLS // 2, extra)
+    code, _, err = _finish(_deqbench("run", "--matrix", str(matrix_file), *ARGS, *extra, "--out",
+                                     str(out), "--resume"))
+    history = f"seed {seed}: {chain}"
+    assert code == 0, f"{history}\n{err}"
+    assert sum(rc == -signal.SIGKILL for *_, rc in chain) >= 4, history
+    resumed, full = read_results(out), read_results(clean)
+    assert resumed["case_id"].tolist() == full["case_id"].tolist(), history
+    assert resumed[DETERMINISTIC].equals(full[DETERMINISTIC]), history
+    assert [p.name for p in (out / ROWS).iterdir() if p.name.startswith(".")] == [], history
