@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -39,12 +40,19 @@ def spread(values: list[float], unit: str = "") -> str:
     return f"{median:.3g}{unit} (IQR {'n/a' if iqr is None else f'{iqr:.3g}{unit}'}, n={len(values)})"
 
 
+CPU_SECONDS: list[float] = []  # CPU seconds (user + sys) of each deqbench command, its workers included
+
+
 def deqbench(args: list[str], out: Path, env: dict[str, str] | None = None) -> float:
-    """Wall seconds of one `deqbench` command (fails loudly: a benchmark of a failed run is none)."""
+    """Wall seconds of one `deqbench` command (fails loudly: a benchmark of a failed run is none);
+    its CPU seconds, workers included, go to CPU_SECONDS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(out), "--no-progress",
                            "--no-report"], cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if done.returncode != 0:
         raise SystemExit(f"`deqbench {' '.join(args)}` exited {done.returncode}: {done.stderr.strip()[-2000:]}")
     return seconds
@@ -62,6 +70,7 @@ def local(args: argparse.Namespace, root: Path) -> None:
     base = [args.command, "--preset", args.preset, *(["--only", args.only] if args.only else [])]
     variants = {1: [], args.workers: ["--workers", str(args.workers)]}
     seconds: dict[int, list[float]] = {n: [] for n in variants}
+    cpu: dict[int, list[float]] = {n: [] for n in variants}
     rows: dict[int, list[tuple]] = {}
     names = list(variants)
     for round_ in range(args.rounds + 1):  # round 0 warms caches (imports, page cache), untimed
@@ -71,11 +80,14 @@ def local(args: argparse.Namespace, root: Path) -> None:
             rows.setdefault(n, deterministic(out))
             if round_:
                 seconds[n].append(elapsed)
+                cpu[n].append(CPU_SECONDS[-1])
             shutil.rmtree(out)
     ratio = [a / b for a, b in zip(seconds[1], seconds[args.workers], strict=True)]
     print(f"local: `deqbench {' '.join(base)}` ({os.cpu_count()} cores)")
-    print(f"  --workers 1         wall {spread(seconds[1], ' s')}")
-    print(f"  --workers {args.workers:<9} wall {spread(seconds[args.workers], ' s')}")
+    for n in variants:  # CPU / wall: how many cores the run kept busy (its workers included)
+        busy = [c / w for c, w in zip(cpu[n], seconds[n], strict=True)]
+        print(f"  --workers {n:<3} wall {spread(seconds[n], ' s')}, CPU {spread(cpu[n], ' s')}, "
+              f"cores busy {spread(busy)}")
     print(f"  speed-up (workers 1 / workers {args.workers}, per round): {spread(ratio, 'x')}")
     print(f"  deterministic columns identical: {rows[1] == rows[args.workers]}")
 
