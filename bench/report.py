@@ -329,8 +329,9 @@ def verdict_section(run: RunView) -> list[str]:
     lines = [" ".join(sentences), ""]
     lines += [f"- {line}" for line in verdict_lines(run)]
     lines += ["", "Crossovers are read off a straight line between the swept depths (exact for "
-              "weight-tied and checkpointed baselines, whose peak is affine in depth); nothing is "
-              "extrapolated beyond them."]
+              "weight-tied and checkpointed baselines, whose peak is affine in depth). Past the "
+              "deepest swept depth only those two kinds are extended along their two deepest "
+              "points, and such a depth says \"extrapolated\"; a resized untied baseline never is."]
     return lines
 
 

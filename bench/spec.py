@@ -37,18 +37,17 @@ parameter-matched to their family's DEQ unless `settings.match_params = false`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.compat import tomllib
 from bench.errors import CorpusError, SpecError
+from bench.matching import matched_overrides
 
 if TYPE_CHECKING:
     from bench.measure.workload import Workload
@@ -439,7 +438,8 @@ def _expand(axes: Mapping[str, Any], settings: RunSettings, where: str, notes: l
                         backward=backward, overrides=tuple(sorted(config.items())),
                         instruments=instruments)
             if match_params and spec.variant == "untied" and not config:
-                case = dataclasses.replace(case, overrides=_matched_overrides(case, notes))
+                case = dataclasses.replace(case, overrides=matched_overrides(
+                    case.family, case.model, case.size, case.depth, notes))
             cases.append(case)
     return cases
 
@@ -468,68 +468,6 @@ def _models_for(axes: Mapping[str, Any], where: str, notes: list[str]) -> list[s
                 notes.append(f"no {var} variant in the {fam} family")
             names += match
     return names
-
-
-def _matched_overrides(case: Case, notes: list[str]) -> tuple[tuple[str, Any], ...]:
-    """Config overrides sizing an untied baseline of this depth to its family's DEQ. Where no
-    config of that depth is small enough, the case runs at its size's own config, with a note
-    (the params columns show the mismatch)."""
-    try:
-        return _match(case.family, case.model, case.size, case.depth)
-    except ValueError as err:
-        notes.append(f"not parameter-matched: {err}")
-        return ()
-
-
-@functools.cache
-def _match(family: str, model: str, size: str, depth: int) -> tuple[tuple[str, Any], ...]:
-    from baselines import MATCHERS
-
-    match_params = MATCHERS.get(family)
-    if match_params is None:
-        raise ValueError(f"no parameter matcher for the {family} family; {model} runs at its size's config")
-    target = _deq_params(family, size)
-    if target is None:
-        return ()
-    with _meta():  # parameter counts without allocating anything
-        overrides = match_params(target, depth, model=model, size=size)
-    return tuple(sorted(overrides.items()))
-
-
-@functools.cache
-def _deq_params(family: str, size: str) -> int | None:
-    from models import build_model, list_models, model_spec
-
-    deqs = [n for n in list_models() if model_spec(n).family == family and model_spec(n).is_deq]
-    if not deqs or size not in model_spec(deqs[0]).sizes:
-        return None
-    with _meta():
-        return build_model(deqs[0], size, mode="core").num_params(non_embedding=True)
-
-
-@contextlib.contextmanager
-def _meta() -> Iterator[None]:
-    """Models built on the meta device, their initialisers skipped: a meta tensor has no values
-    to fill, and the meta kernels of normal_/uniform_ run Python decompositions (matching the
-    quick preset's baselines spent 3 s of a run's start in them; counts are unchanged)."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    init = torch.nn.init
-    skipped = {init.normal_, init.uniform_, init.zeros_, init.ones_, init.constant_,
-               init.trunc_normal_, init.kaiming_uniform_, init.kaiming_normal_, init.xavier_uniform_,
-               init.xavier_normal_, init.orthogonal_, torch.Tensor.normal_, torch.Tensor.uniform_,
-               torch.Tensor.zero_, torch.Tensor.fill_}
-
-    class SkipInit(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in skipped:
-                return args[0] if args else kwargs["tensor"]
-            return func(*args, **kwargs)
-
-    with torch.device("meta"), SkipInit():
-        yield
 
 
 def _check_names(values: Iterable[Any], valid: Iterable[str], what: str, where: str) -> None:

@@ -10,7 +10,11 @@ Crossovers are interpolated, not guessed: an explicit model's training peak is a
 depth (every layer keeps the same activations), so between the deepest swept depth where the
 DEQ still needs more memory and the next one, where it needs less, the baseline's peak is a
 straight line and the depth at which it equals the DEQ's peak (or the DEQ's peak / (1 - 88%))
-is read off it. Outside the swept depths nothing is extrapolated.
+is read off it. Beyond the deepest swept depth only weight-tied and checkpointed baselines are
+extended, along the line through their two deepest points (their peak is exactly affine in
+depth: one layer's weights, every layer's activations or checkpoints), and such a depth is
+labelled "extrapolated"; an untied baseline resized to the DEQ's parameters is not affine, and
+is never extended.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ GROUP = ["family", "deq_model", "baseline_variant", "matched", "size", "mode", "
          "backward", "memory_source"]
 KINDS = {"untied": "untied", "tied": "weight-tied", "ckpt": "checkpointed", "hf": "HF GPT-2"}
 KIND_ORDER = list(KINDS)
+AFFINE_KINDS = ("tied", "ckpt")  # peak exactly affine in depth: a crossover may be extrapolated
+MAX_EXTRAPOLATION = 16  # times the deepest swept depth; beyond it the level is "not reached"
 DEQ_NAMES = {"transformer": "DEQ-Transformer", "trellisnet": "DEQ-TrellisNet"}
 
 
@@ -40,16 +46,22 @@ class Threshold:
     depth: float | None  # interpolated depth; None when the level is not reached in the sweep
     from_depth: int | None  # the smallest swept depth from which every deeper one reaches it
     swept: tuple[int, ...]  # the depths with both peaks at this sequence length
+    extrapolated: bool = False  # depth lies beyond the sweep, on the baseline's affine peak
+
+    @property
+    def found(self) -> bool:
+        return self.depth is not None
 
     @property
     def everywhere(self) -> bool:
         return self.from_depth is not None and self.from_depth == self.swept[0]
 
     def where(self) -> str:
-        """'L≈14 at T=32', 'L≤4 at T=32' (already at the shallowest depth swept)."""
-        assert self.from_depth is not None and self.depth is not None
+        """'L≈14 at T=32', 'L≤4 at T=32' (already at the shallowest depth swept), 'L≈55
+        (extrapolated) at T=32'."""
+        assert self.depth is not None
         at = f"L≤{self.swept[0]}" if self.everywhere else f"L≈{_depth(self.depth)}"
-        return f"{at} at T={self.seq_len}"
+        return f"{at}{' (extrapolated)' if self.extrapolated else ''} at T={self.seq_len}"
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,7 @@ class Verdict:
 
     @property
     def claim_reached(self) -> bool:
-        return any(c.from_depth is not None for c in self.claims)
+        return any(c.found for c in self.claims)
 
     def line(self) -> str:
         name = DEQ_NAMES.get(self.family, self.deq_model)
@@ -114,8 +126,9 @@ def verdict_lines(view: RunView) -> list[str]:
     return [v.line() for v in verdicts(view)]
 
 
-def threshold(rows: pd.DataFrame, level: float) -> Threshold:
-    """Where (in depth) the reduction reaches `level` for one sequence length's pairs."""
+def threshold(rows: pd.DataFrame, level: float, affine: bool = False) -> Threshold:
+    """Where (in depth) the reduction reaches `level` for one sequence length's pairs; `affine`:
+    the baseline's peak is affine in depth, so past the sweep it is extended (extrapolated)."""
     rows = rows.sort_values("depth")
     depths = [int(d) for d in rows["depth"]]
     base = rows["baseline_peak_bytes"].astype(float).tolist()
@@ -127,6 +140,11 @@ def threshold(rows: pd.DataFrame, level: float) -> Threshold:
         first -= 1
     seq_len = int(rows["seq_len"].iloc[0])
     if first == len(reached):  # not reached at the deepest swept depth
+        if affine and len(depths) >= 2 and base[-1] > base[-2]:
+            (l0, b0), (l1, b1) = (depths[-2], base[-2]), (depths[-1], base[-1])
+            depth = l1 + (target - b1) / (b1 - b0) * (l1 - l0)
+            if depth <= MAX_EXTRAPOLATION * l1:
+                return Threshold(seq_len, depth, None, tuple(depths), extrapolated=True)
         return Threshold(seq_len, None, None, tuple(depths))
     if first == 0:
         return Threshold(seq_len, float(depths[0]), depths[0], tuple(depths))
@@ -140,6 +158,7 @@ def _verdict(key: dict, g: pd.DataFrame) -> Verdict:
     # several baseline models of one kind at one depth (none today): the thresholds use the
     # first; the best point is over all
     per_t = [h.drop_duplicates("depth") for _, h in g.groupby("seq_len", sort=True)]
+    affine = key["baseline_variant"] in AFFINE_KINDS
     return Verdict(
         family=key["family"], deq_model=key["deq_model"], kind=key["baseline_variant"],
         matched=bool(key["matched"]),
@@ -147,8 +166,8 @@ def _verdict(key: dict, g: pd.DataFrame) -> Verdict:
         memory_source=key["memory_source"] if isinstance(key["memory_source"], str) else "unknown",
         best_reduction=float(best["reduction"]), best_seq_len=int(best["seq_len"]),
         best_depth=int(best["depth"]),
-        crossovers=tuple(threshold(h, 0.0) for h in per_t),
-        claims=tuple(threshold(h, CLAIM) for h in per_t),
+        crossovers=tuple(threshold(h, 0.0, affine) for h in per_t),
+        claims=tuple(threshold(h, CLAIM, affine) for h in per_t),
         slowdown=_finite(best["slowdown"]), nfe_forward=_finite(best["nfe_forward"]),
         nfe_backward=_finite(best["nfe_backward"]),
     )
@@ -159,11 +178,11 @@ def _join(thresholds: Sequence[Threshold]) -> str:
         depths = sorted({t.swept[0] for t in thresholds})
         where = ", ".join(f"T={t.seq_len}" for t in thresholds)
         return f"at every depth swept (L≥{depths[0]}, {where})"
-    if all(t.from_depth is None for t in thresholds):
+    if not any(t.found for t in thresholds):
         deepest = max(t.swept[-1] for t in thresholds)
         return f"at no depth swept (up to L={deepest}, T={', '.join(str(t.seq_len) for t in thresholds)})"
-    reached = [t for t in thresholds if t.from_depth is not None]
-    missed = [t for t in thresholds if t.from_depth is None]
+    reached = [t for t in thresholds if t.found]
+    missed = [t for t in thresholds if not t.found]
     text = "from " + ", ".join(t.where() for t in reached)
     if missed:
         text += "; not by " + ", ".join(f"L={t.swept[-1]} at T={t.seq_len}" for t in missed)

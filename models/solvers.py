@@ -71,7 +71,7 @@ class SolverStats:
     tol: float
     trace: list[float] = field(default_factory=list)  # worst-sample residual (stop_mode) per f call
     workspace_bytes: int = 0  # buffers the solver keeps across iterations (history, best iterate)
-    best_step: int = 0  # f call whose iterate was returned (1-based)
+    best_step: int = 0  # f call whose iterate was returned (1-based; 0: not known, fixed iterations)
 
     @property
     def residual(self) -> float:
@@ -125,7 +125,9 @@ class _Tracker:
         self.first_abs: float | None = None
         self.fixed = _FIXED_ITERATIONS.get()
         self.every = check_every if tol > 0 else max(check_every, UNSTOPPABLE_CHECK_EVERY)
-        self.deferred = not self.fixed and self.every > 1
+        # Fixed iterations (a prediction) take the deferred path wherever a real solve would, so
+        # both hold the same window and the same lowest-residual iterate: predicted == tracked.
+        self.deferred = self.every > 1
         if self.deferred:  # residuals wait on the device until the next read
             # rows [abs; ||f(z)||; the residual of stop_mode], per iteration and for the best
             self.window = torch.empty((self.every, 3, batch), device=z0.device, dtype=torch.float32)
@@ -192,6 +194,10 @@ class _Tracker:
             self.best_z = torch.where(improved.view(-1, *[1] * (z.dim() - 1)), z, self.best_z)
         self.best_norms = torch.where(improved, row, self.best_norms)
         self.filled += 1
+        if self.fixed:  # never read: the window is only filled, as a real solve fills it
+            self.trace.append(math.nan)
+            self.filled %= self.every
+            return False
         return self.filled == self.every and self._read_window(self.window.tolist())
 
     def _read_window(self, rows: list[list[list[float]]]) -> bool:
@@ -215,8 +221,8 @@ class _Tracker:
             abs_res, rel_res = _worst(self.best_abs), _worst(self.best_rel)
         best = rel_res if self.stop_mode == "rel" else abs_res
         trace_best = min(range(len(self.trace)), key=self.trace.__getitem__) if self.trace else -1
-        if self.fixed:
-            trace_best = len(self.trace) - 1
+        if self.fixed:  # the latest iterate, or (deferred) the lowest-residual one, unknown here
+            trace_best = -1 if self.deferred else len(self.trace) - 1
         stats = SolverStats(
             solver=name,
             nfe=self.nfe,

@@ -61,20 +61,26 @@ class _Capture:
     def __init__(self, deq) -> None:
         self.deq = deq
 
-    def __call__(self, f, z0):
+    def __getattr__(self, name: str):  # its settings (subseq_len, ...) are the DEQ's
+        return getattr(self.deq, name)
+
+    def __call__(self, f, z0, stats=None):
         self.f = f
         self.z_star = self.deq.solve_forward(f, z0)[0].detach()
-        return self.deq(f, z0)
+        return self.deq(f, z0, stats)
 
 
 class _Known:
     """Stands in for model.deq in the outer step: z* is known, apply f once with a graph."""
 
-    def __init__(self, z_star: Tensor) -> None:
-        self.z_star = z_star
+    def __init__(self, z_star: Tensor, deq) -> None:
+        self.z_star, self.deq = z_star, deq
 
-    def __call__(self, f, z0):
-        return f(self.z_star), ModelStats()
+    def __getattr__(self, name: str):  # its settings (subseq_len, ...) are the DEQ's
+        return getattr(self.deq, name)
+
+    def __call__(self, f, z0, stats=None):
+        return f(self.z_star), ModelStats() if stats is None else stats
 
 
 @dataclass
@@ -119,7 +125,7 @@ def measure(model_name: str, size: str, batch: int, seq_len: int, repeats: int,
     capture = _Capture(deq)
     step(capture)
     f, z_star = capture.f, capture.z_star
-    known = _Known(z_star)
+    known = _Known(z_star, deq)
     z_in = z_star.clone().requires_grad_()
     z_out = f(z_in)  # the graph the adjoint solve differentiates through
     v = torch.randn_like(z_out)

@@ -266,7 +266,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(workdir, capsys, arg
 BAD_ENV = [
     ("DEQBENCH_PLUGINS", "nonexistent.module", ["list"], "plugin module 'nonexistent.module'"),
     ("DEQBENCH_PLUGINS", "nonexistent.module", ["run"], "named in DEQBENCH_PLUGINS"),
-    ("DEQBENCH_PLUGINS", "nonexistent.module", ["predict", "--preset", "quick"], "DEQBENCH_PLUGINS"),
+    ("DEQBENCH_PLUGINS", "nonexistent.module", ["predict", "--preset", "smoke"], "DEQBENCH_PLUGINS"),
     ("DEQBENCH_PLUGINS", "nonexistent.module", ["train", "--model", "deq-transformer"], "DEQBENCH_PLUGINS"),
     ("DEQBENCH_PLUGINS", "os,,nonexistent", ["list", "--json"], "plugin module 'nonexistent'"),
 ]

@@ -286,7 +286,7 @@ BAD_MATRICES = {
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["explain", "--preset", "nope"], "unknown preset 'nope'; valid presets:"),
-    (["explain", "--preset", "quick"], "quick lacks 36 of the 36 cases the chains need"),
+    (["explain", "--preset", "smoke"], "smoke lacks 36 of the 36 cases the chains need"),
     (["explain", "--out", "a-file/run"], "is not a directory"),
     (["explain", "--out", "done"], "already holds results.csv"),
     (["explain", "--resume", "--out", "nothing-here"], "nothing to resume"),

@@ -310,7 +310,7 @@ def test_a_tiny_memory_limit_gives_oom_rows_not_a_timeout_or_an_error(tmp_path):
     out = tmp_path / "m1"
     only = "deq-transformer/debug/core/train/T128,trellisnet/debug/core/eval/T32/B2/L4"
     started = time.monotonic()
-    code, _, err = _finish(_deqbench("run", "--preset", "quick", "--only", only, "--memory-limit",
+    code, _, err = _finish(_deqbench("run", "--preset", "smoke", "--only", only, "--memory-limit",
                                      "1MB", "--out", str(out), "--no-progress", "--no-report"))
     assert code == 0, err
     rows = read_results(out).set_index("model")

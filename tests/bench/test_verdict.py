@@ -14,7 +14,11 @@ DEQ = {"family": "transformer", "model": "deq-transformer", "variant": "deq", "s
 # T=64:  DEQ 100; tied 50 + 12.5 (L - 4): equal at L = 8; 88% needs 833.3 > 800 at L=64: never.
 # T=256: DEQ 200; tied 100, 400 at L=4, 16, then 2000 at L=64: equal at L = 4 + 100/25 = 8;
 #        88% needs 1666.7: L = 16 + (1666.7 - 400) / (1600 / 48) = 54.
-# untied: below the DEQ's peak nowhere (saves at every depth); ckpt: above it nowhere.
+# untied: below the DEQ's peak nowhere (saves at every depth); ckpt: above it nowhere in the
+# sweep. Past the sweep tied and ckpt peaks are extended along their two deepest points
+# (extrapolated): tied T=64 reaches 88% (833.3) at L = 64 + 33.3 / 12.5 = 66.7; ckpt (slope
+# 40/48 per layer) saves memory from L = 64 + 10 / (40/48) = 76 and reaches 88% at
+# L = 64 + 743.3 / (40/48) = 956 (within 16 x 64 = 1024 layers; beyond it: not reached).
 PEAKS = {
     ("tied", 64): {4: 50, 16: 200, 64: 800},
     ("tied", 256): {4: 100, 16: 400, 64: 2000},
@@ -55,7 +59,7 @@ def test_crossovers_and_the_claim_are_interpolated_in_depth(view):
     assert (c64.seq_len, c64.from_depth, c64.depth) == (64, 16, pytest.approx(8.0))
     assert (c256.seq_len, c256.from_depth, c256.depth) == (256, 16, pytest.approx(8.0))
     (k64, k256) = tied.claims
-    assert k64.from_depth is None and k64.depth is None
+    assert k64.from_depth is None and k64.extrapolated and k64.depth == pytest.approx(64 + (100 / 0.12 - 800) / 12.5)
     assert k256.from_depth == 64 and k256.depth == pytest.approx(16 + (200 / 0.12 - 400) / (1600 / 48))
     # slowdown at the best point: DEQ 0.4 * 4 = 1.6 s against 0.01 * 64 * 4 = 2.56 s
     assert tied.slowdown == pytest.approx(1.6 / 2.56)
@@ -68,10 +72,11 @@ def test_lines_say_every_number(view):
         "DEQ-Transformer vs untied, parameter-matched (small, tracked): best 88.9% at T=64, L=64; saves memory at "
         "every depth swept (L≥4, T=64); 88% from L≈59 at T=64; 1.60× faster there at NFE 12/20.",
         "DEQ-Transformer vs weight-tied (small, tracked): best 90.0% at T=256, L=64; saves memory "
-        "from L≈8.0 at T=64, L≈8.0 at T=256; 88% from L≈54 at T=256; not by L=64 at T=64; "
+        "from L≈8.0 at T=64, L≈8.0 at T=256; 88% from L≈67 (extrapolated) at T=64, L≈54 at T=256; "
         "1.60× faster there at NFE 12/20.",
         "DEQ-Transformer vs checkpointed (small, tracked): best -11.1% at T=64, L=64; saves memory "
-        "at no depth swept (up to L=64, T=64); 88% not reached; 6.25× slower there at NFE 12/20.",
+        "from L≈76 (extrapolated) at T=64; 88% from L≈956 (extrapolated) at T=64; 6.25× slower there "
+        "at NFE 12/20.",
     ]
 
 
@@ -84,6 +89,19 @@ def test_untied_claim_interpolation():
     t = threshold(rows, 0.88)
     assert t.from_depth == 64 and t.depth == pytest.approx(16 + (100 / 0.12 - 300) / 12.5)
     assert threshold(rows, 0.0).everywhere
+    # an untied (resized) baseline is not affine in depth: never extended past the sweep
+    assert threshold(rows, 0.95).depth is None and threshold(rows, 0.95, affine=True).extrapolated
+
+
+def test_extrapolation_stops_at_sixteen_times_the_sweep():
+    import pandas as pd
+
+    rows = pd.DataFrame({"depth": [4, 16], "baseline_peak_bytes": [40, 41],
+                         "deq_peak_bytes": [100] * 2, "seq_len": [64] * 2})
+    assert threshold(rows, 0.0, affine=True).depth is None  # L = 16 + 59 * 12 = 724 > 256
+    rows["baseline_peak_bytes"] = [40, 60]
+    t = threshold(rows, 0.0, affine=True)
+    assert t.extrapolated and t.depth == pytest.approx(16 + 40 / (20 / 12))
 
 
 def test_failed_baselines_and_untimed_runs(view, tmp_path):
