@@ -126,8 +126,12 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench.verdict import verdict_lines
 
     matrix = load_matrix_arg(args)
-    launcher = launcher_arg(args, matrix)
-    device = "cpu" if predict else launcher_device(args.device, launcher)
+    from bench.launchers import LAUNCHER_KEYS, launcher_config, launcher_device
+
+    with user_errors():  # the matrix's [launcher] table, the command line's options over it
+        launcher = launcher_config(matrix.launcher, f"{matrix.source or matrix.name} [launcher]",
+                                   **{k: getattr(args, "launcher" if k == "name" else k) for k in LAUNCHER_KEYS})
+        device = "cpu" if predict else launcher_device(args.device, launcher)
     instruments = ("predicted",) if predict else instrument_list(args.instruments, device, matrix.settings)
     memory_limit = None if predict or args.memory_limit is None else parse_size(args.memory_limit)
     if memory_limit is not None and device != "cpu":
@@ -140,7 +144,7 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
                        f"`deqbench list` shows presets, case ids look like {matrix.cases[0].case_id}")
     out = out_dir_arg(args, suffix="-predict" if predict else "")
     lines = [*(f"note: {note}" for note in matrix.notes), f"{'predicting' if predict else 'running'} "
-             f"{matrix.name}: {len(matrix.cases)} cases on {device}{launcher_text(launcher)} -> {out}"]
+             f"{matrix.name}: {len(matrix.cases)} cases on {device}{launcher.summary()} -> {out}"]
     options = RunOptions(device=device, memory_limit=memory_limit, instruments=instruments,
                          progress=not args.no_progress, launcher=launcher)
     try:  # the header once the folder is ours (not in use; the same run when resuming)
@@ -177,62 +181,6 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
         _outputs(out, figure_formats(args))
     print(f"\nresults: {out}" + ("" if args.no_report else f" (every pair, figures: {out / 'report.md'})"))
     return EXIT_OK
-
-
-LAUNCHER_OPTIONS = ("workers", "gpus", "slurm_partition", "slurm_gpus_per_task", "slurm_time",
-                    "slurm_mem", "slurm_array_parallelism", "slurm_setup")
-
-
-def launcher_arg(args: argparse.Namespace, matrix):
-    """The run's launcher: the matrix's [launcher] table, the command line's options over it."""
-    from bench.launchers import launcher_config
-
-    given = {key: getattr(args, key) for key in LAUNCHER_OPTIONS}
-    if given["gpus"] is not None:
-        parts = [p.strip() for p in given["gpus"].split(",")]
-        if not all(p.isdigit() for p in parts):
-            raise BadInput(f"bad --gpus {given['gpus']!r}; use CUDA device indices, e.g. --gpus 0,1,3")
-        given["gpus"] = tuple(int(p) for p in parts)
-    given["slurm_setup"] = tuple(given["slurm_setup"] or ())
-    with user_errors():
-        return launcher_config(matrix.launcher, f"{matrix.source or matrix.name} [launcher]",
-                               name=args.launcher, **given)
-
-
-def launcher_device(requested: str, launcher) -> str:
-    """The device cases run on. SLURM jobs run on other machines: `auto` is CUDA where the jobs
-    get GPUs (--slurm-gpus-per-task), and this machine need not have one. Local GPU workers need
-    the GPUs they are pinned to."""
-    if launcher.name == "slurm":
-        if requested == "auto":
-            return "cuda" if launcher.slurm_gpus_per_task else "cpu"
-        if requested not in ("cpu", "cuda"):
-            raise BadInput(f"--device {requested} with --launcher slurm: use cpu or cuda (a job "
-                           "sees the GPUs SLURM gives it, --slurm-gpus-per-task)")
-        return requested
-    device = resolve_device_arg(requested)
-    if launcher.gpus and not device.startswith("cuda"):
-        raise BadInput(f"--gpus {','.join(map(str, launcher.gpus))} needs CUDA, but the run is on "
-                       f"{device}; drop --gpus (use --workers N on the CPU) or use --device cuda")
-    if device.startswith("cuda") and launcher.concurrent:
-        import torch
-
-        if device != "cuda":
-            raise BadInput(f"--device {device} pins the run to one GPU; with several workers use "
-                           "--device cuda and --gpus to choose them")
-        count = torch.cuda.device_count()
-        wanted = list(launcher.gpus or range(launcher.parallel))
-        missing = [g for g in wanted if g >= count]
-        if missing:
-            raise BadInput(f"GPU(s) {missing} do not exist: {count} CUDA device(s) present; "
-                           "one worker runs per GPU (--gpus 0,1,... or --workers up to that)")
-    return device
-
-
-def launcher_text(launcher) -> str:
-    if launcher.name == "slurm":
-        return " via SLURM jobs" + (f" (partition {launcher.slurm_partition})" if launcher.slurm_partition else "")
-    return f" with {launcher.parallel} concurrent workers" if launcher.concurrent else ""
 
 
 def figure_formats(args: argparse.Namespace) -> tuple[str, ...]:
@@ -425,18 +373,19 @@ def _matrix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true", help="with --resume: also run again the "
                    "cases whose row failed (oom, error, timeout); killed ones always run again")
     g = p.add_argument_group("launcher (defaults: the matrix's [launcher] table, else local with one worker)")
-    g.add_argument("--launcher", help="local | slurm (`deqbench list` shows them)")
-    g.add_argument("--workers", type=int, help="local: cases run at once, each in its own worker "
-                   "(one torch thread each on the CPU; timings are then marked concurrent)")
-    g.add_argument("--gpus", help="local: CUDA devices, one worker pinned to each, e.g. 0,1,3")
-    g.add_argument("--slurm-partition", help="slurm: the partition to submit to")
-    g.add_argument("--slurm-gpus-per-task", type=int, help="slurm: GPUs per job (default none: CPU)")
-    g.add_argument("--slurm-time", help="slurm: time limit per job, minutes or [H:]MM:SS (default "
-                   "the case time limit + 1 min); a job over it becomes a timeout row")
-    g.add_argument("--slurm-mem", help="slurm: memory per job (sbatch --mem, e.g. 4G); a job over "
-                   "it becomes an oom row")
-    g.add_argument("--slurm-array-parallelism", type=int, help="slurm: submit one job array with "
-                   "at most this many jobs running (default one job per case)")
+    for option, kind, text in (
+            ("--launcher", str, "local | slurm (`deqbench list` shows them)"),
+            ("--workers", int, "local: cases at once, each in its own worker (CPU: one torch thread "
+                               "each, timings marked concurrent)"),
+            ("--gpus", str, "local: CUDA devices, one worker pinned to each, e.g. 0,1,3"),
+            ("--slurm-partition", str, "slurm: the partition to submit to"),
+            ("--slurm-gpus-per-task", int, "slurm: GPUs per job (default none: CPU)"),
+            ("--slurm-time", str, "slurm: time limit per job, minutes or [H:]MM:SS (default the case "
+                                  "time limit + 1 min); a job over it becomes a timeout row"),
+            ("--slurm-mem", str, "slurm: memory per job (sbatch --mem, e.g. 4G); over it: an oom row"),
+            ("--slurm-array-parallelism", int, "slurm: one job array, at most this many jobs "
+                                               "running (default one job per case)")):
+        g.add_argument(option, type=kind, help=text)
     g.add_argument("--slurm-setup", action="append", metavar="LINE", help="slurm: a shell line "
                    "run in each job before the case, repeatable (e.g. 'module load cuda')")
 

@@ -11,18 +11,14 @@ options (a matrix's `[launcher]` table, overridden by the command line), validat
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol
 
 from bench.errors import SpecError
-
-if TYPE_CHECKING:
-    from bench.rundir import Results
-    from bench.runner import RunOptions
-    from bench.spec import Case, Matrix
 
 MAX_WORKERS = 256
 SLURM_MEM = re.compile(r"[1-9][0-9]*[KMGT]?")  # sbatch --mem: megabytes, or a K/M/G/T suffix
@@ -99,12 +95,21 @@ class LauncherConfig:
             return {"workers": self.parallel} if self.concurrent else {}
         return {"launcher": self.name}
 
+    def summary(self) -> str:
+        """How the run's header says where the cases go (empty for one local worker)."""
+        if self.name == "slurm":
+            return " via SLURM jobs" + (f" (partition {self.slurm_partition})" if self.slurm_partition else "")
+        return f" with {self.parallel} concurrent workers" if self.concurrent else ""
+
     def describe(self) -> dict[str, Any]:
         """env.json's `launcher`: every option, and whether timings had concurrent workers."""
         chosen = {f.name: getattr(self, f.name) for f in fields(self)
                   if getattr(self, f.name) not in (None, ())}
         return {**chosen, "workers": self.parallel, "concurrent": self.concurrent,
                 "gpus": list(self.gpus), "slurm_setup": list(self.slurm_setup)}
+
+
+LAUNCHER_KEYS = tuple(f.name for f in fields(LauncherConfig))  # `--launcher` for name, else --<key>
 
 
 def _is_int(value: Any) -> bool:
@@ -140,6 +145,11 @@ def launcher_config(table: Mapping[str, Any] | None = None, where: str = "[launc
     if unknown:
         raise SpecError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(valid)}")
     values = {**table, **{k: v for k, v in overrides.items() if v not in (None, ())}}
+    if isinstance(values.get("gpus"), str):  # --gpus 0,1,3
+        parts = [p.strip() for p in values["gpus"].split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise SpecError(f"bad --gpus {values['gpus']!r}; use CUDA device indices, e.g. --gpus 0,1,3")
+        values["gpus"] = tuple(int(p) for p in parts)
     for key in ("gpus", "slurm_setup"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
@@ -150,14 +160,46 @@ def launcher_config(table: Mapping[str, Any] | None = None, where: str = "[launc
     return LauncherConfig(**values)
 
 
+def launcher_device(requested: str, config: LauncherConfig) -> str:
+    """The device cases run on. SLURM jobs run on other machines: `auto` is CUDA where the jobs
+    get GPUs (--slurm-gpus-per-task), and this machine need not have one. Local GPU workers need
+    the GPUs they are pinned to. SpecError (or ValueError: no such device) otherwise."""
+    if config.name == "slurm":
+        if requested == "auto":
+            return "cuda" if config.slurm_gpus_per_task else "cpu"
+        if requested not in ("cpu", "cuda"):
+            raise SpecError(f"--device {requested} with --launcher slurm: use cpu or cuda (a job "
+                            "sees the GPUs SLURM gives it, --slurm-gpus-per-task)")
+        return requested
+    from bench.env import resolve_device
+
+    device = resolve_device(requested)
+    if config.gpus and not device.startswith("cuda"):
+        raise SpecError(f"--gpus {','.join(map(str, config.gpus))} needs CUDA, but the run is on "
+                        f"{device}; drop --gpus (use --workers N on the CPU) or use --device cuda")
+    if device.startswith("cuda") and config.concurrent:
+        import torch
+
+        if device != "cuda":
+            raise SpecError(f"--device {device} pins the run to one GPU; with several workers use "
+                            "--device cuda and --gpus to choose them")
+        count = torch.cuda.device_count()
+        missing = [g for g in (config.gpus or range(config.parallel)) if g >= count]
+        if missing:
+            raise SpecError(f"GPU(s) {missing} do not exist: {count} CUDA device(s) present; "
+                            "one worker runs per GPU (--gpus 0,1,... or --workers up to that)")
+    return device
+
+
 class Launcher(Protocol):
-    """Runs cases into a run folder's rows. The runner holds the folder's lock, has recovered
-    its rows and calls `start` (before env.json is written: workers may start meanwhile), then
-    `run` with the cases still to do; `stop` ends whatever is left when the run is stopped."""
+    """Runs cases (bench.spec.Case) into a run folder's rows (bench.rundir.Results). The runner
+    holds the folder's lock, has recovered its rows and calls `start` (before env.json is
+    written: workers may start meanwhile), then `run` with the cases still to do, which returns
+    the rows it wrote; `stop` ends whatever is left when the run is stopped."""
 
-    def start(self, todo: Sequence[Case], matrix: Matrix, options: RunOptions, results: Results) -> None: ...
+    def start(self, todo: Sequence[Any], matrix: Any, options: Any, results: Any) -> None: ...
 
-    def run(self, todo: Sequence[Case], matrix: Matrix, options: RunOptions, results: Results,
+    def run(self, todo: Sequence[Any], matrix: Any, options: Any, results: Any,
             done: int) -> list[dict[str, Any]]: ...
 
     def stop(self) -> None: ...
@@ -167,34 +209,35 @@ class Launcher(Protocol):
 class LauncherSpec:
     name: str
     description: str
-    make: Callable[[LauncherConfig], Launcher] = field(repr=False)
+    target: str  # "module:Class", imported when a run uses it (a launcher imports the runner)
 
 
-LAUNCHERS: dict[str, LauncherSpec] = {}
+LAUNCHERS: dict[str, LauncherSpec] = {spec.name: spec for spec in (
+    LauncherSpec("local", "worker processes on this machine: --workers N (CPU), or one per GPU "
+                          "with --gpus 0,1,3 (CUDA_VISIBLE_DEVICES)", "bench.launchers.local:LocalLauncher"),
+    LauncherSpec("slurm", "one SLURM job per case (or a job array) through submitit; jobs write "
+                          "their rows to the shared run folder", "bench.launchers.slurm:SlurmLauncher"),
+)}
 
 
-def register_launcher(name: str, description: str):
-    """Class decorator: `@register_launcher("local", "...")` on a class built from a config."""
-    def wrap(cls):
-        LAUNCHERS[name] = LauncherSpec(name, description, cls)
-        return cls
-    return wrap
+def register_launcher(name: str, description: str, target: str) -> None:
+    """Add a launcher: `target` is "module:Class", a class built from a LauncherConfig."""
+    LAUNCHERS[name] = LauncherSpec(name, description, target)
 
 
 def make_launcher(config: LauncherConfig) -> Launcher:
-    return LAUNCHERS[config.name].make(config)
+    module, _, cls = LAUNCHERS[config.name].target.partition(":")
+    return getattr(importlib.import_module(module), cls)(config)
 
 
 def list_launchers() -> dict[str, str]:
     return {name: spec.description for name, spec in LAUNCHERS.items()}
 
 
-def with_threads(matrix: Matrix, config: LauncherConfig, device: str) -> Matrix:
+def with_threads(matrix: Any, config: LauncherConfig, device: str) -> Any:
     """Concurrent CPU workers get one torch thread each unless the matrix or --threads says how
     many (more threads than cores per worker only spin)."""
     if config.concurrent and device == "cpu" and matrix.settings.threads is None:
         return replace(matrix, settings=replace(matrix.settings, threads=1))
     return matrix
 
-
-from bench.launchers import local, slurm  # noqa: E402,F401  (they register themselves)

@@ -20,7 +20,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from bench import rundir
-from bench.launchers import LauncherConfig, register_launcher
+from bench.launchers import LauncherConfig
 from bench.results import OK_STATUSES
 from bench.runner import RunOptions, _row, _Worker, counts_text, fresh_workers, progress_bar
 from bench.spec import Case, Matrix
@@ -43,8 +43,6 @@ class _Slot:
         return self.worker
 
 
-@register_launcher("local", "worker processes on this machine: --workers N (CPU), or one per "
-                            "GPU with --gpus 0,1,3 (CUDA_VISIBLE_DEVICES)")
 class LocalLauncher:
     def __init__(self, config: LauncherConfig) -> None:
         self.config = config

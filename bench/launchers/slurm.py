@@ -33,7 +33,7 @@ from typing import Any
 
 from bench import rundir
 from bench.errors import UserError
-from bench.launchers import LauncherConfig, register_launcher
+from bench.launchers import LauncherConfig
 from bench.runner import RunOptions, _row, counts_text, progress_bar
 from bench.spec import Case, Matrix
 
@@ -150,8 +150,6 @@ def saved_jobs(run_dir: Path) -> dict[str, dict[str, Any]]:
     return jobs
 
 
-@register_launcher("slurm", "one SLURM job per case (or a job array) through submitit; jobs "
-                            "write their rows to the shared run folder")
 class SlurmLauncher:
     def __init__(self, config: LauncherConfig) -> None:
         self.config = config
