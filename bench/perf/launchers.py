@@ -19,6 +19,7 @@ job (`elapsed_s`): sbatch, scheduling, the job's Python and torch start-up, the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -103,7 +104,8 @@ def slurm(args: argparse.Namespace, root: Path) -> None:
         env["SLURM_CONF"] = str(cluster.conf)
     try:
         base = [args.command, "--preset", args.preset, *(["--only", args.only] if args.only else []),
-                "--launcher", "slurm", *(["--slurm-partition", args.partition] if args.partition else [])]
+                "--launcher", "slurm", *(["--slurm-partition", args.partition] if args.partition else []),
+                *(["--slurm-array-parallelism", str(args.array)] if args.array else [])]
         local_out, out = root / "slurm-local", root / "slurm"
         local_s = deqbench(base[:base.index("--launcher")], local_out)
         wall = deqbench(base, out, env)
@@ -112,19 +114,43 @@ def slurm(args: argparse.Namespace, root: Path) -> None:
         from bench.rundir import row_file
 
         df = read_results(out).set_index("case_id")
-        overhead = []
-        for case_id, job in saved_jobs(out).items():
+        jobs = saved_jobs(out)
+        overhead, queued, in_job = [], [], []
+        times = accounting([j["job_id"] for j in jobs.values()], env)
+        for case_id, job in jobs.items():
             landed = row_file(out, case_id).stat().st_mtime
-            overhead.append(landed - job["submitted"] - float(df.loc[case_id, "elapsed_s"]))
+            case_s = float(df.loc[case_id, "elapsed_s"])
+            overhead.append(landed - job["submitted"] - case_s)
+            if job["job_id"] in times:  # whole seconds (sacct)
+                submit, start, end = times[job["job_id"]]
+                queued.append(start - submit)
+                in_job.append(end - start - case_s)
         print(f"slurm: `deqbench {' '.join(base)}`: {len(df)} cases, driver wall {wall:.1f} s "
               f"(one local worker: {local_s:.1f} s)")
         print(f"  per-case overhead (submit -> row landed, minus the case's own time): {spread(overhead, ' s')}"
               f"; max {max(overhead):.2f} s")
+        print(f"  of which queued (sacct Submit -> Start, whole seconds): {spread(queued, ' s')}; in the job "
+              f"beyond the case (Python, torch and bench imports, row write): {spread(in_job, ' s')}")
+        print(f"  driver wall beyond one local worker, per case: {(wall - local_s) / len(df):.2f} s")
         print(f"  deterministic columns identical to one local worker: "
               f"{deterministic(out) == deterministic(local_out)}")
     finally:
         if cluster is not None:
             cluster.stop()
+
+
+def accounting(job_ids: list[str], env: dict[str, str]) -> dict[str, tuple[float, float, float]]:
+    """job id -> (submit, start, end) in epoch seconds, from sacct."""
+    import datetime as dt
+
+    done = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,Submit,Start,End", "-j", ",".join(job_ids)],
+                          env=env, capture_output=True, text=True, check=False)
+    times = {}
+    for line in done.stdout.splitlines():
+        job_id, *stamps = line.split("|")
+        with contextlib.suppress(ValueError):
+            times[job_id] = tuple(dt.datetime.fromisoformat(t).timestamp() for t in stamps)
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start-cluster", action="store_true",
                    help="with --slurm: start a throwaway local cluster (tests/slurm_cluster.py; root)")
     p.add_argument("--partition", help="with --slurm: the partition (default: the cluster's)")
+    p.add_argument("--array", type=int, help="with --slurm: --slurm-array-parallelism (1: one job "
+                   "at a time, so that no two jobs share the cores)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="deqbench-launchers-") as tmp:
         if not args.slurm_only:
