@@ -257,3 +257,21 @@ def test_slurm_time_and_memory_limits_become_timeout_and_oom_rows(slurm_cluster,
     states = {n: slurm_cluster.job_state(rows.loc[n, "job_id"]) for n in (16, 24)}
     assert states[16] == "TIMEOUT", states
     assert states[24] in ("OUT_OF_MEMORY", "FAILED"), states  # FAILED: jobacct enforcement
+
+
+def test_gpu_workers_are_pinned_one_per_gpu(tmp_path):
+    """Without a GPU here: which CUDA_VISIBLE_DEVICES each slot's workers start with, and that a
+    worker's start sees it (and the driver's environment is left as it was)."""
+    from bench.launchers.local import LocalLauncher, _Slot
+    from bench.runner import RunOptions, _spawn_environment
+
+    assert LocalLauncher(LauncherConfig(gpus=(0, 3))).gpus(RunOptions(device="cuda")) == [0, 3]
+    assert LocalLauncher(LauncherConfig(workers=3)).gpus(RunOptions(device="cuda")) == [0, 1, 2]
+    assert LocalLauncher(LauncherConfig(workers=2)).gpus(RunOptions(device="cpu")) == [None, None]
+    assert LocalLauncher(LauncherConfig()).gpus(RunOptions(device="cuda:1")) == [None]  # as before
+    slot = _Slot(1, 3, tmp_path)
+    assert slot.environ == {"CUDA_VISIBLE_DEVICES": "3"} and slot.log == tmp_path / "worker-1.log"
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    with _spawn_environment(None, slot.environ):
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
