@@ -75,13 +75,13 @@ def run_twice(marker: str) -> int:
 def overrunning(slurm_cluster, tmp_path_factory):
     """Jobs that sleep past their 1-minute limit, started first so their wait overlaps the other
     tests. SLURM sends submitit's warning signal (--signal=USR2@90, no "B:") to job steps only:
-    `no-warning` (slurm_signal_delay_s=0) and `batch-step` (slurm_use_srun=False: no step) never
-    get it, so SLURM kills them at their limit. `warned` runs under submitit's srun and gets it at
-    the first time-limit check; the handler finds the job 'timed-out and not checkpointable' and
-    raises, so the job FAILs before its limit."""
+    `no-warning` (slurm_signal_delay_s=0) and `batch-step` (slurm_use_srun=False: no step, as the
+    slurm launcher runs its jobs) never get it, so SLURM kills them at their limit. (A job under
+    submitit's srun gets the signal at a time-limit check and may FAIL before its limit; whether
+    it does depends on when that check falls on a loaded machine, so it is not tested: the
+    launcher does not use srun.)"""
     folder = tmp_path_factory.mktemp("overrunning")
-    params = {"no-warning": {"slurm_signal_delay_s": 0}, "batch-step": {"slurm_use_srun": False},
-              "warned": {}}
+    params = {"no-warning": {"slurm_signal_delay_s": 0}, "batch-step": {"slurm_use_srun": False}}
     jobs = {name: executor(slurm_cluster, folder, **p).submit(time.sleep, 300)
             for name, p in params.items()}
     yield jobs
@@ -184,10 +184,3 @@ def test_time_limit_ends_in_timeout(slurm_cluster, overrunning, name):
     assert submitit_state(job) == "TIMEOUT"
     elapsed = slurm_cluster.sacct(job.job_id)[job.job_id]["Elapsed"]
     assert "00:01:00" <= elapsed <= "00:01:45"  # the 1-minute limit, seen within one 30 s check
-
-
-def test_submitit_warning_signal_turns_a_timeout_into_failed(slurm_cluster, overrunning):
-    job = overrunning["warned"]
-    assert slurm_cluster.wait_state(job.job_id, FINISHED, timeout=150) == "FAILED"
-    with pytest.raises(submitit.core.utils.FailedJobError, match="timed-out and not checkpointable"):
-        job.result()
