@@ -69,7 +69,7 @@ def out_dir_arg(args: argparse.Namespace, suffix: str = "") -> Path:
     from bench.rundir import holds_run
     from bench.runner import default_out_dir
 
-    if getattr(args, "retry_failed", False) and not args.resume:
+    if args.retry_failed and not args.resume:
         raise BadInput("--retry-failed re-runs the failed cases of a run: use it with --resume")
     if args.resume:
         out = Path(args.out) if args.out else Path("results/latest")
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="paper-audit", help="a preset holding the chains' cases (default paper-audit)")
     p.add_argument("--out", help="run directory (default results/runs/<timestamp>-explain)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted explain (or a paper-audit run) in --out")
-    p.set_defaults(func=cmd_explain, matrix=None)
+    p.set_defaults(func=cmd_explain, matrix=None, retry_failed=False)  # resume never re-runs failed
 
     p = sub.add_parser("env", help="the environment a run would record")
     p.add_argument("--device", default="auto")

@@ -36,8 +36,6 @@ from bench.verdict import verdict_lines
 
 REPORT = "report.md"
 CUT = "†"  # beside a number of a DEQ whose solve did not converge
-KIND_WORDS = {"untied": "untied, L distinct layers", "tied": "weight-tied, one layer unrolled L times",
-              "ckpt": "weight-tied with activation checkpointing", "hf": "HF GPT-2"}
 
 
 def write_report(run_dir: str | Path, formats: tuple[str, ...] | None = None) -> Path:

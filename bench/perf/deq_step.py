@@ -55,14 +55,18 @@ PAPER_CASES = (
 NO_DROPOUT = {"deq-transformer": {"dropout": 0.0}, "deq-trellisnet": {"dropout": 0.0, "dropouth": 0.0}}
 
 
-class _Capture:
-    """Stands in for model.deq once: keeps f and z* of a real solve, then solves as usual."""
+class _StandIn:
+    """Stands in for model.deq; its settings (subseq_len, ...) are the DEQ's."""
 
     def __init__(self, deq) -> None:
         self.deq = deq
 
-    def __getattr__(self, name: str):  # its settings (subseq_len, ...) are the DEQ's
+    def __getattr__(self, name: str):
         return getattr(self.deq, name)
+
+
+class _Capture(_StandIn):
+    """Stands in for model.deq once: keeps f and z* of a real solve, then solves as usual."""
 
     def __call__(self, f, z0, stats=None):
         self.f = f
@@ -70,14 +74,12 @@ class _Capture:
         return self.deq(f, z0, stats)
 
 
-class _Known:
+class _Known(_StandIn):
     """Stands in for model.deq in the outer step: z* is known, apply f once with a graph."""
 
     def __init__(self, z_star: Tensor, deq) -> None:
-        self.z_star, self.deq = z_star, deq
-
-    def __getattr__(self, name: str):  # its settings (subseq_len, ...) are the DEQ's
-        return getattr(self.deq, name)
+        super().__init__(deq)
+        self.z_star = z_star
 
     def __call__(self, f, z0, stats=None):
         return f(self.z_star), ModelStats() if stats is None else stats

@@ -182,19 +182,25 @@ def test_a_log_without_a_checkpoint_says_what_to_do(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == [LOG]
 
 
+def _train_until_logged(args: list[str], run, rows: int) -> subprocess.Popen:
+    """`deqbench train ARGS --out RUN` in a subprocess, returned once its log has `rows` rows."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "train", *args, "--out", str(run)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / LOG).exists() and len(read_log(run)) >= rows) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    return proc
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_curve(tmp_path):
     """The real thing: SIGINT to `deqbench train`, exit 130, `--resume` from the command line."""
     args = ["--model", "deq-transformer", "--set", "dropout=0.1", "--set", "mem_len=8",
             "--batch", "4", "--seq-len", "8", "--steps", "400", "--warmup", "3",
             "--pretrain-steps", "3", "--log-every", "1", "--threads", "1", "--no-progress"]
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "train", *args, "--out", str(run)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ((run / LOG).exists() and len(read_log(run)) >= 4) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
+    proc = _train_until_logged(args, run, rows=4)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -217,13 +223,7 @@ def test_sigkill_with_default_checkpointing_resumes_from_the_command_line(tmp_pa
             "--warmup", "3", "--pretrain-steps", "3", "--log-every", "1", "--threads", "1",
             "--data", "synthetic:tokens=5000,eval_tokens=1000", "--no-progress"]
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "train", *args, "--out", str(run)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ((run / LOG).exists() and len(read_log(run)) >= 4) and time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.1)
+    proc = _train_until_logged(args, run, rows=4)
     proc.kill()
     proc.communicate(timeout=60)
     assert (run / CHECKPOINT).exists() and len(read_log(run)) >= 4
