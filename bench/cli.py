@@ -9,16 +9,20 @@ heavy (torch, pandas, matplotlib) is imported before a subcommand needs it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.arguments import BadInput, parse_override, parse_size, parse_tolerance, user_errors
 from bench.errors import RunDirError, UserError, os_error
+
+if TYPE_CHECKING:
+    from bench.plots.pool import FigurePool
 
 EXIT_OK, EXIT_REGRESSION, EXIT_BAD_INPUT = 0, 1, 2
 DEFAULT_PRESET = "default"
@@ -121,9 +125,10 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, *, predict: bool) -> int:
     from bench import analysis
+    from bench.plots.pool import FigurePool
+    from bench.report import terminal_lines
     from bench.runner import RunOptions, interrupted_line, link_latest, run_matrix, select_cases
     from bench.spec import instrument_list
-    from bench.verdict import verdict_lines
 
     matrix = load_matrix_arg(args)
     from bench.launchers import LAUNCHER_KEYS, launcher_config, launcher_device
@@ -147,38 +152,25 @@ def _run(args: argparse.Namespace, *, predict: bool) -> int:
              f"{matrix.name}: {len(matrix.cases)} cases on {device}{launcher.summary()} -> {out}"]
     options = RunOptions(device=device, memory_limit=memory_limit, instruments=instruments,
                          progress=not args.no_progress, launcher=launcher)
-    try:  # the header once the folder is ours (not in use; the same run when resuming)
-        run_matrix(matrix, out, options, resume=args.resume, retry_failed=args.retry_failed,
-                   only=args.only, argv=["deqbench", *sys.argv[1:]],
-                   on_start=lambda: print("\n".join(lines), file=sys.stderr))
-    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, the rows are kept
-        print(f"deqbench: {interrupted_line(out, sys.argv[1:], bool(args.out))}", file=sys.stderr)
-        return 128 + getattr(err, "signum", 2)
-    if not args.out and not args.resume:
-        link_latest(out)
-    view = analysis.RunView.load(out)
-    verdict = verdict_lines(view)
-    if verdict:  # the table of every pair is in report.md
-        print("verdict (memory of a training step; bench.verdict):")
-        for line in verdict:
-            print(f"  {line}")
-        for line in analysis.quality_lines(view):
-            print(line)
-    else:
-        for line in analysis.summary_lines(view):
-            print(line)
-    paper = analysis.paper_lines(view)
-    if paper:
-        print()
-        for line in paper:
-            print(line)
-    failed = view.df[view.df["status"] != "ok"]
-    if not failed.empty:
-        print(f"\n{len(failed)} case(s) not ok:")
-        for r in failed.itertuples():
-            print(f"  {r.status:<9}{r.case_id}  {r.error or ''}")
-    if not args.no_report:
-        _outputs(out, figure_formats(args))
+    with contextlib.ExitStack() as stack:
+        pools: list[FigurePool] = []
+
+        def started() -> None:  # the header once the folder is ours (not in use; the same run when resuming)
+            print("\n".join(lines), file=sys.stderr)
+            if not args.no_report:  # the figures' helpers import matplotlib while the workers start
+                pools.append(stack.enter_context(FigurePool.start()))
+
+        try:
+            run_matrix(matrix, out, options, resume=args.resume, retry_failed=args.retry_failed,
+                       only=args.only, argv=["deqbench", *sys.argv[1:]], on_start=started)
+        except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: one line, the rows are kept
+            print(f"deqbench: {interrupted_line(out, sys.argv[1:], bool(args.out))}", file=sys.stderr)
+            return 128 + getattr(err, "signum", 2)
+        if not args.out and not args.resume:
+            link_latest(out)
+        print("\n".join(terminal_lines(analysis.RunView.load(out))))
+        if not args.no_report:
+            _outputs(out, figure_formats(args), pools[0] if pools else None)
     print(f"\nresults: {out}" + ("" if args.no_report else f" (every pair, figures: {out / 'report.md'})"))
     return EXIT_OK
 
@@ -187,10 +179,10 @@ def figure_formats(args: argparse.Namespace) -> tuple[str, ...]:
     return ("png", "svg") if args.svg else ("png",)
 
 
-def _outputs(out: Path, formats: tuple[str, ...] = ("png",)) -> None:
+def _outputs(out: Path, formats: tuple[str, ...] = ("png",), pool: FigurePool | None = None) -> None:
     from bench.report import write_outputs
 
-    for line in write_outputs(out, formats):
+    for line in write_outputs(out, formats, pool):
         print(f"warning: {line}", file=sys.stderr)
 
 
@@ -205,7 +197,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from bench import plots
 
-    figures = plots.plot_run(check_run_dir(args.run_dir), formats=figure_formats(args))
+    run_dir = check_run_dir(args.run_dir)
+    with plots.FigurePool.start() as pool:
+        figures = plots.plot_run(run_dir, formats=figure_formats(args), pool=pool)
     for fig in figures.made:
         print(f"wrote {fig.files[0]}")
     for name, why in figures.skipped.items():
@@ -219,7 +213,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bench import report
 
     run_dir = check_run_dir(args.run_dir)
-    path = report.write_report(run_dir, formats=figure_formats(args) if args.svg else None)
+    with report.plots.FigurePool.start() as pool:
+        path = report.write_report(run_dir, formats=figure_formats(args) if args.svg else None, pool=pool)
     print(f"wrote {path}")
     return EXIT_OK
 

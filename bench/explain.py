@@ -400,12 +400,13 @@ def run(matrix: Matrix, out: Path, device: str, *, progress: bool, argv: list[st
     instruments = ("predicted",) if device == "cpu" else ()
     print(f"explaining {len(PAIRS)} paper pairs: {len(matrix.cases)} cases of {matrix.name} on {device} "
           f"({'predicted' if instruments else 'every instrument'}) -> {out}", flush=True)
-    run_matrix(matrix, out, RunOptions(device=device, instruments=instruments, progress=progress), resume=resume,
-               argv=argv)
-    view = RunView.load(out)
-    write_explain(out, explain_table(view.df))
-    view = RunView.load(out)
-    plots.plot_run(view)
+    with plots.FigurePool.start() as pool:  # its helpers import matplotlib while the workers start
+        run_matrix(matrix, out, RunOptions(device=device, instruments=instruments, progress=progress),
+                   resume=resume, argv=argv)
+        view = RunView.load(out)
+        write_explain(out, explain_table(view.df))
+        view = RunView.load(out)
+        plots.plot_run(view, pool=pool)
     report.write_report(out)
     from bench.explain_text import summary_lines
 

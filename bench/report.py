@@ -17,7 +17,15 @@ from pathlib import Path
 import pandas as pd
 
 from bench import explain_text, plots
-from bench.analysis import NOISY, SOURCE_LABELS, RunView, unconverged
+from bench.analysis import (
+    NOISY,
+    SOURCE_LABELS,
+    RunView,
+    paper_lines,
+    quality_lines,
+    summary_lines,
+    unconverged,
+)
 from bench.errors import RunDirError
 from bench.format import (
     format_bytes,
@@ -38,34 +46,53 @@ REPORT = "report.md"
 CUT = "†"  # beside a number of a DEQ whose solve did not converge
 
 
-def write_report(run_dir: str | Path, formats: tuple[str, ...] | None = None) -> Path:
+def write_report(run_dir: str | Path, formats: tuple[str, ...] | None = None,
+                 pool: plots.FigurePool | None = None) -> Path:
     """Write run_dir/report.md; figures are reused when figures/index.json matches this
-    results.csv, else drawn again (PNG), or drawn in `formats` when given. Returns the path."""
+    results.csv, else drawn again (PNG, with `pool`'s helpers), or drawn in `formats` when
+    given. Returns the path."""
     run_dir = Path(run_dir)
     run = RunView.load(run_dir)
     path = run_dir / REPORT
     if path.is_dir():  # before drawing anything
         raise RunDirError(f"{path} is a directory; move it out of the way, then run `deqbench report` again")
     fresh = None if formats else plots.load_index(run_dir)
-    figures = fresh or plots.plot_run(run, formats=formats or plots.DEFAULT_FORMATS)
+    figures = fresh or plots.plot_run(run, formats=formats or plots.DEFAULT_FORMATS, pool=pool)
     path.write_text(render(run, figures))
     return path
 
 
-def write_outputs(run_dir: Path, formats: tuple[str, ...] = plots.DEFAULT_FORMATS) -> list[str]:
+def write_outputs(run_dir: Path, formats: tuple[str, ...] = plots.DEFAULT_FORMATS,
+                  pool: plots.FigurePool | None = None) -> list[str]:
     """Figures and report.md at the end of `deqbench run`; never raises. A figure that fails is
     skipped with its reason inside plot_run; any other failure is a warning line and the run
     still ends with 0: the measurements are on disk, and `deqbench report` redraws them."""
     from bench.errors import os_error
 
     try:
-        figures = plots.plot_run(run_dir, formats=formats)
+        figures = plots.plot_run(run_dir, formats=formats, pool=pool)
         write_report(run_dir)
     except Exception as err:  # outputs never turn a finished measurement into a failed run
         why = os_error(err) if isinstance(err, OSError) else None
         return [f"figures/report not written ({why or f'{type(err).__name__}: {err}'}); the "
                 f"results are in {run_dir}; retry with `deqbench report {run_dir}`"]
     return [f"figure {name}: {why}" for name, why in figures.skipped.items() if why.startswith("failed")]
+
+
+def terminal_lines(run: RunView) -> list[str]:
+    """What `deqbench run` prints when it ends: the verdict (or, without DEQ pairs, the summary),
+    the paper's pairs and the cases that failed; report.md has every table."""
+    verdict = verdict_lines(run)
+    lines = (["verdict (memory of a training step; bench.verdict):", *(f"  {v}" for v in verdict),
+              *quality_lines(run)] if verdict else summary_lines(run))
+    paper = paper_lines(run)
+    if paper:
+        lines += ["", *paper]
+    failed = run.df[run.df["status"] != "ok"]
+    if not failed.empty:
+        lines += ["", f"{len(failed)} case(s) not ok:"]
+        lines += [f"  {r.status:<9}{r.case_id}  {r.error or ''}" for r in failed.itertuples()]
+    return lines
 
 
 def render(run: RunView, figures: plots.Figures) -> str:

@@ -93,7 +93,7 @@ class _Worker:
                   options.instruments or matrix.settings.instruments, str(log), os.getpid()),
             daemon=True,
         )
-        with _spawn_environment(options.memory_limit, environ):
+        with spawn_environment(options.memory_limit, environ):
             self.process.start()
         child.close()
 
@@ -143,7 +143,7 @@ class _Worker:
 
 
 @contextlib.contextmanager
-def _spawn_environment(memory_limit: int | None, environ: dict[str, str] | None = None) -> Iterator[None]:
+def spawn_environment(memory_limit: int | None, environ: dict[str, str] | None = None) -> Iterator[None]:
     """What a worker inherits at its start: SIGINT ignored (a terminal's Ctrl-C reaches the whole
     process group; the runner handles it and kills the worker), `environ`, and under a memory
     limit PYTHONMALLOC=malloc (see bench.worker). A Ctrl-C meanwhile waits (blocked) for the runner."""

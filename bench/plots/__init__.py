@@ -18,20 +18,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import traceback
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.analysis import RunView
 from bench.plots import breakdown, convergence, explain, memory, reduction, speed, training  # noqa: F401
+from bench.plots.draw import FIGURE_DIR, FORMATS, draw_figure
+from bench.plots.pool import FigurePool
 from bench.plots.registry import FIGURES
-from bench.plots.style import DPI, Skip, pyplot
+from bench.plots.style import pyplot
 from bench.results import RESULTS
 
-FIGURE_DIR = "figures"
 INDEX = "index.json"
-FORMATS = ("png", "svg")  # what plot_run can write
 # What it writes unless asked: SVG (with bbox_inches="tight", a second layout pass) took as long
 # again as the PNGs, which are what the report shows; `--svg` adds the vector copies.
 DEFAULT_FORMATS = ("png",)
@@ -66,11 +65,12 @@ def results_hash(run_dir: Path) -> str:
 
 
 def plot_run(run_dir: str | Path | RunView, only: Iterable[str] | None = None,
-             formats: Iterable[str] = DEFAULT_FORMATS) -> Figures:
+             formats: Iterable[str] = DEFAULT_FORMATS, pool: FigurePool | None = None) -> Figures:
     """Draw every figure the run has data for into run_dir/figures; returns what was drawn and
     why the others were not, and writes figures/index.json for the report. `only` draws just
     the named figures (no index: the set is incomplete). `formats`: file types among FORMATS
-    (a drawn figure's files of other types are removed: they would show older results)."""
+    (a drawn figure's files of other types are removed: they would show older results).
+    `pool`: helper processes that draw beside this one (bench.plots.pool); None: this one alone."""
     wanted = None if only is None else set(only)
     unknown = (wanted or set()) - set(FIGURES)
     if unknown:
@@ -80,7 +80,7 @@ def plot_run(run_dir: str | Path | RunView, only: Iterable[str] | None = None,
         raise ValueError(f"figure formats must be among {', '.join(FORMATS)}, got {formats}")
     run = run_dir if isinstance(run_dir, RunView) else RunView.load(run_dir)
     assert run.dir is not None, "figures are drawn into a run directory"
-    plt = pyplot()
+    pyplot()
     out = run.dir / FIGURE_DIR
     made_dir = not out.exists()
     out.mkdir(exist_ok=True)
@@ -88,38 +88,22 @@ def plot_run(run_dir: str | Path | RunView, only: Iterable[str] | None = None,
     if run.missing:
         figures.notes.append(f"results.csv lacks column(s) {', '.join(sorted(run.missing))}; "
                              "figures needing them are skipped")
-    for name, spec in FIGURES.items():
-        if wanted is not None and name not in wanted:
-            continue
-        try:
-            fig, caption, notes = spec.draw(run)
-        except Skip as skip:
-            figures.skipped[name] = str(skip)
-            _remove_stale(out, name)
-            continue
-        except Exception as err:  # a bug in a figure must not cost the run its other outputs
-            where = traceback.extract_tb(err.__traceback__)[-1]
-            figures.skipped[name] = (f"failed to draw ({type(err).__name__}: {err} at "
-                                     f"{Path(where.filename).name}:{where.lineno}); please report it")
-            plt.close("all")
-            _remove_stale(out, name)
-            continue
-        files = []
-        _remove_stale(out, name)
-        try:
-            for ext in formats:
-                path = out / f"{name}.{ext}"
-                fig.savefig(path, dpi=DPI, bbox_inches="tight")
-                files.append(str(path.relative_to(run.dir)))
-        except OSError:  # a full disk: no half-written figure, no figures/ made for nothing
-            plt.close("all")
-            _remove_stale(out, name)
-            if made_dir and not any(out.iterdir()):
-                out.rmdir()
-            raise
-        plt.close(fig)
-        figures.made.append(Figure(name, caption, files))
-        figures.notes.extend(notes)
+    names = [name for name in FIGURES if wanted is None or name in wanted]
+    try:
+        if pool is not None and pool.size and len(names) > 1:
+            drawn = pool.draw(run.dir, names, formats, lambda name: draw_figure(run, name, run.dir, formats))
+        else:
+            drawn = [draw_figure(run, name, run.dir, formats) for name in names]
+    except OSError:  # a full disk: no half-written figure, no figures/ made for nothing
+        if made_dir and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    for name, files, caption, notes, skipped in drawn:
+        if skipped is not None:
+            figures.skipped[name] = skipped
+        else:
+            figures.made.append(Figure(name, caption, files))
+            figures.notes.extend(notes)
     if wanted is None:
         (out / INDEX).write_text(json.dumps(asdict(figures), indent=2) + "\n")
     return figures
@@ -140,10 +124,5 @@ def load_index(run_dir: str | Path) -> Figures | None:
     return figures if fresh and present else None
 
 
-def _remove_stale(out: Path, name: str) -> None:
-    for ext in FORMATS:
-        (out / f"{name}.{ext}").unlink(missing_ok=True)
-
-
-__all__ = ["DEFAULT_FORMATS", "FIGURES", "FIGURE_DIR", "FORMATS", "INDEX", "Figure", "Figures", "heading",
-           "load_index", "plot_run"]
+__all__ = ["DEFAULT_FORMATS", "FIGURES", "FIGURE_DIR", "FORMATS", "INDEX", "Figure", "FigurePool", "Figures",
+           "draw_figure", "heading", "load_index", "plot_run"]

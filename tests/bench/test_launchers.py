@@ -263,7 +263,7 @@ def test_gpu_workers_are_pinned_one_per_gpu(tmp_path):
     """Without a GPU here: which CUDA_VISIBLE_DEVICES each slot's workers start with, and that a
     worker's start sees it (and the driver's environment is left as it was)."""
     from bench.launchers.local import LocalLauncher, _Slot
-    from bench.runner import RunOptions, _spawn_environment
+    from bench.runner import RunOptions, spawn_environment
 
     assert LocalLauncher(LauncherConfig(gpus=(0, 3))).gpus(RunOptions(device="cuda")) == [0, 3]
     assert LocalLauncher(LauncherConfig(workers=3)).gpus(RunOptions(device="cuda")) == [0, 1, 2]
@@ -272,6 +272,6 @@ def test_gpu_workers_are_pinned_one_per_gpu(tmp_path):
     slot = _Slot(1, 3, tmp_path)
     assert slot.environ == {"CUDA_VISIBLE_DEVICES": "3"} and slot.log == tmp_path / "worker-1.log"
     before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    with _spawn_environment(None, slot.environ):
+    with spawn_environment(None, slot.environ):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
