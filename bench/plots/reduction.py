@@ -215,7 +215,7 @@ def reduction_map(run: RunView) -> tuple[Any, str, list[str]]:
                 ax.clabel(cs, fmt={0.0: "0%", CLAIM: f"{100 * CLAIM:.0f}%"}, fontsize=7)
             int_log_axis(ax, ts, "x")
             int_log_axis(ax, ls, "y")
-            ax.set_title(f"{family} DEQ vs {VARIANT_LABELS.get(kind, kind)}", fontsize=9)
+            ax.set_title(f"{family}\nDEQ vs {VARIANT_LABELS.get(kind, kind)}", fontsize=9)  # 2 lines: no overlap
             ax.set_xlabel("sequence length T")
             ax.set_ylabel("explicit depth L")
             _paper_map_points(ax, g["family"].iloc[0], kind, cmap, norm, ts)
