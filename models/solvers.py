@@ -400,15 +400,16 @@ def _broyden_update(U: Tensor, V: Tensor, n: int, dz: Tensor, g: Tensor) -> Tens
     u_slot, v_slot = U.narrow(1, slot, 1), V.narrow(1, slot, 1)  # (B, 1, D)
     if k:
         Uk, Vk = U.narrow(1, 0, k), V.narrow(1, 0, k)  # (B, k, D)
-        dzU = torch.bmm(dz, Uk.transpose(1, 2))  # (B, 1, k): dz . u_i
-        gV = torch.bmm(g, Vk.transpose(1, 2))  # (B, 1, k): v_i . g
-        # v^T = dz^T J^-1 = -dz^T + (dz . u_i) v_i^T; in place unless its slot is still read
-        v = torch.baddbmm(dz, dzU, Vk, beta=-1, out=None if wraps else v_slot)
+        dzU = torch.bmm(dz, Uk.mT)  # (B, 1, k): dz . u_i
+        gV = torch.bmm(g, Vk.mT)  # (B, 1, k): v_i . g
+        # v^T = dz^T J^-1 = -dz^T + (dz . u_i) v_i^T. Computed apart and copied: a bmm into a
+        # strided slot computes apart and copies anyway, and the slot may still be read.
+        v = torch.baddbmm(dz, dzU, Vk, beta=-1)
         step = torch.baddbmm(g, gV, Uk, alpha=-1)  # -J^-1 g = g - u_i (v_i . g)
     else:
-        v, step = torch.neg(dz, out=v_slot), g
+        v, step = torch.neg(dz), g
     # dz - J^-1 dg = step, v . dg = dz . (dz - step), v . g = -dz . step
-    dz_t = dz.transpose(1, 2)
+    dz_t = dz.mT
     dz_step = torch.bmm(step, dz_t)  # (B, 1, 1)
     v_dg = torch.baddbmm(dz_step, dz, dz_t, beta=-1)
     # A vanishing v . dg (its reciprocal overflows) means no information: skip the update (u = 0).
@@ -416,7 +417,7 @@ def _broyden_update(U: Tensor, V: Tensor, n: int, dz: Tensor, g: Tensor) -> Tens
     new_step = step
     if wraps:  # the pair in `slot` leaves the history: take its term out of the step
         new_step = torch.addcmul(step, u_slot, gV.narrow(2, slot, 1))
-        v_slot.copy_(v)
+    v_slot.copy_(v)
     torch.mul(step, inverse, out=u_slot)  # u = (dz - J^-1 dg) / (v . dg)
     # the step with the new pair: -J^-1 g - u (v . g)
     return torch.addcmul(new_step, u_slot, dz_step)
