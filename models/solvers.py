@@ -261,18 +261,28 @@ def fixed_point(
 
 
 class _Window:
-    """Views into Anderson's buffers for one (window size n, slot) pair, made once and reused
-    every m iterations: slicing costs as much as the arithmetic at small states."""
+    """Views into Anderson's buffers for one window size n, made once: a view costs as much as the
+    arithmetic at small states. `slot(i)` adds those of the slot an iteration writes, reused every
+    m iterations."""
 
-    def __init__(self, F: Tensor, G: Tensor, A: Tensor, rhs: Tensor, ridge: Tensor, n: int, slot: int):
-        self.f_slot, self.g_slot = F[:, slot : slot + 1], G[:, slot : slot + 1]  # (B, 1, D)
-        self.F, self.G = F[:, :n], G[:, :n]  # (B, n, D)
-        self.G_t = self.G.transpose(1, 2)  # (B, D, n)
-        self.row = A[:, 1 + slot : 2 + slot, 1 : n + 1]  # (B, 1, n)
-        self.col = A[:, 1 : n + 1, 1 + slot : 2 + slot]  # (B, n, 1)
-        self.system = A[:, : n + 1, : n + 1]
-        self.diag = torch.diagonal(A, dim1=1, dim2=2)[:, None, 1 : n + 1]  # (B, 1, n): ||g_i||^2
-        self.rhs, self.ridge = rhs[:, : n + 1], ridge[: n + 1, : n + 1]
+    def __init__(self, F: Tensor, G: Tensor, A: Tensor, rhs: Tensor, ridge: Tensor, n: int):
+        self.buffers, self.n = (F, G, A), n
+        self.F, self.G = F.narrow(1, 0, n), G.narrow(1, 0, n)  # (B, n, D)
+        self.G_t = self.G.mT  # (B, D, n)
+        self.system = A.narrow(1, 0, n + 1).narrow(2, 0, n + 1)
+        self.diag = self.system.diagonal(dim1=1, dim2=2)[:, None, 1:]  # (B, 1, n): ||g_i||^2
+        self.rhs, self.ridge = rhs.narrow(1, 0, n + 1), ridge[: n + 1, : n + 1]
+        self.slots: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+    def slot(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """f_i and g_i (B, 1, D), and row and column i of the Gram block, both as (B, 1, n)."""
+        views = self.slots.get(i)
+        if views is None:
+            F, G, A = self.buffers
+            row = A.narrow(1, 1 + i, 1).narrow(2, 1, self.n)
+            col = A.narrow(2, 1 + i, 1).narrow(1, 1, self.n).mT
+            views = self.slots[i] = (F.narrow(1, i, 1), G.narrow(1, i, 1), row, col)
+        return views
 
 
 def anderson(
@@ -307,21 +317,22 @@ def anderson(
     rhs[:, 0] = 1.0
     ridge = torch.eye(m + 1, dtype=torch.float64, device=z.device)
     ridge[0, 0] = 0.0
-    windows: dict[tuple[int, int], _Window] = {}
+    windows: dict[int, _Window] = {}
     for k in range(max_iter):
         fz = f_flat(z)
-        slot, n = k % m, min(k + 1, m)
-        w = windows.get((n, slot))
+        n = min(k + 1, m)
+        w = windows.get(n)
         if w is None:
-            w = windows[(n, slot)] = _Window(F, G, A, rhs, ridge, n, slot)
-        g = torch.sub(fz, z, out=w.g_slot)  # straight into the window: no second copy
+            w = windows[n] = _Window(F, G, A, rhs, ridge, n)
+        f_slot, g_slot, row, col = w.slot(k % m)
+        g = torch.sub(fz, z, out=g_slot)  # straight into the window: no second copy
         if track.update(z, fz, g):
             break
-        w.f_slot.copy_(fz)
+        f_slot.copy_(fz)
         # <g, g_i> for the window: one (1, D) x (D, n) GEMM per sample, widened as it is stored
         gram = torch.bmm(g, w.G_t)  # (B, 1, n)
-        w.row.copy_(gram)
-        w.col.copy_(gram.transpose(1, 2))
+        row.copy_(gram)
+        col.copy_(gram)
         if n == 1:
             z = fz if beta == 1.0 else z + beta * g
             del fz  # in F now: not needed while f runs
@@ -331,7 +342,7 @@ def anderson(
         # never raises; on a CPU its kernel checks the LU pivots with two reads of its own (CUDA's
         # does not), about a third of an Anderson iteration's overhead at small states
         solution = torch.linalg.solve_ex(system, w.rhs)[0]  # (B, n + 1, 1)
-        alpha = solution[:, 1:].transpose(1, 2).to(z.dtype)  # (B, 1, n)
+        alpha = solution.to(z.dtype).mT.narrow(2, 1, n)  # (B, 1, n): converted whole, then viewed
         # z_next = sum_i alpha_i (z_i + beta g_i) = alpha F - (1 - beta) alpha G
         z = torch.bmm(alpha, w.F)
         if beta != 1.0:
@@ -400,15 +411,16 @@ def _broyden_update(U: Tensor, V: Tensor, n: int, dz: Tensor, g: Tensor) -> Tens
     u_slot, v_slot = U.narrow(1, slot, 1), V.narrow(1, slot, 1)  # (B, 1, D)
     if k:
         Uk, Vk = U.narrow(1, 0, k), V.narrow(1, 0, k)  # (B, k, D)
-        dzU = torch.bmm(dz, Uk.transpose(1, 2))  # (B, 1, k): dz . u_i
-        gV = torch.bmm(g, Vk.transpose(1, 2))  # (B, 1, k): v_i . g
-        # v^T = dz^T J^-1 = -dz^T + (dz . u_i) v_i^T; in place unless its slot is still read
-        v = torch.baddbmm(dz, dzU, Vk, beta=-1, out=None if wraps else v_slot)
+        dzU = torch.bmm(dz, Uk.mT)  # (B, 1, k): dz . u_i
+        gV = torch.bmm(g, Vk.mT)  # (B, 1, k): v_i . g
+        # v^T = dz^T J^-1 = -dz^T + (dz . u_i) v_i^T. Computed apart and copied: a bmm into a
+        # strided slot computes apart and copies anyway, and the slot may still be read.
+        v = torch.baddbmm(dz, dzU, Vk, beta=-1)
         step = torch.baddbmm(g, gV, Uk, alpha=-1)  # -J^-1 g = g - u_i (v_i . g)
     else:
-        v, step = torch.neg(dz, out=v_slot), g
+        v, step = torch.neg(dz), g
     # dz - J^-1 dg = step, v . dg = dz . (dz - step), v . g = -dz . step
-    dz_t = dz.transpose(1, 2)
+    dz_t = dz.mT
     dz_step = torch.bmm(step, dz_t)  # (B, 1, 1)
     v_dg = torch.baddbmm(dz_step, dz, dz_t, beta=-1)
     # A vanishing v . dg (its reciprocal overflows) means no information: skip the update (u = 0).
@@ -416,7 +428,7 @@ def _broyden_update(U: Tensor, V: Tensor, n: int, dz: Tensor, g: Tensor) -> Tens
     new_step = step
     if wraps:  # the pair in `slot` leaves the history: take its term out of the step
         new_step = torch.addcmul(step, u_slot, gV.narrow(2, slot, 1))
-        v_slot.copy_(v)
+    v_slot.copy_(v)
     torch.mul(step, inverse, out=u_slot)  # u = (dz - J^-1 dg) / (v . dg)
     # the step with the new pair: -J^-1 g - u (v . g)
     return torch.addcmul(new_step, u_slot, dz_step)
