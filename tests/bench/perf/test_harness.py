@@ -4,6 +4,7 @@ goal end to end (the speed targets themselves are the benchmark's to print, not 
 from pathlib import Path
 
 from bench.perf import harness
+from bench.plots.pool import default_helpers
 
 
 def test_median_iqr_and_rotating_rounds(tmp_path):
@@ -31,3 +32,14 @@ def test_help_goal_end_to_end(capsys):
     assert harness.main(["--goals", "help", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "## help" in out and "help_s" in out and "target help_s <= 0.5" in out
+
+
+def test_figures_goal_draws_with_the_runs_helpers(capsys):
+    """The figures goal draws a run's figures as `deqbench run` does (its pool of helpers) and
+    again cold, as `deqbench plot` does; here on the small quick run."""
+    quick = Path(harness.ROOT) / "tests" / "bench" / "data" / "quick"
+    assert harness.main(["--goals", "figures", "--rounds", "1", "--figures-run", str(quick)]) == 0
+    out = capsys.readouterr().out
+    assert "figures_cold_s" in out and "target figures_s <= 3" in out
+    helpers = float(out.split("figure_helpers")[1].split()[0])
+    assert helpers == default_helpers()
