@@ -65,7 +65,19 @@ def _meta() -> Iterator[None]:
             kwargs = kwargs or {}
             if func in skipped:
                 return args[0] if args else kwargs["tensor"]
+            if func is torch.norm_except_dim:  # weight norm's g: only its shape matters here
+                return _norm_shape(*args, **kwargs)
             return func(*args, **kwargs)
 
     with torch.device("meta"), SkipInit():
         yield
+
+
+def _norm_shape(v, pow: float = 2, dim: int = 0):
+    """torch.norm_except_dim's result on the meta device, without its Python decomposition
+    (whose import, torch._refs, cost ~1.4 s of every run's start for weight norm's g): size 1
+    in every dimension but `dim` (dim -1: one norm of everything, a scalar)."""
+    import torch
+
+    shape = [] if dim == -1 else [n if i == dim % v.dim() else 1 for i, n in enumerate(v.shape)]
+    return torch.empty(shape, dtype=v.dtype, device="meta")
