@@ -7,7 +7,10 @@ Backward modes (registry `BACKWARDS`):
 - `implicit`: one differentiable application z = f(z*), followed by an identity node whose
   backward solves the adjoint fixed point g = J^T g + dL/dz (J = df/dz at z*) with a backward
   solver. The graph of that one application is the only graph kept; its VJPs are reused, never
-  recomputed.
+  recomputed. The outer backward through that graph also computes g^T df/dz*, which nothing
+  uses (about one VJP more), unless f names the tensors it closes over (`f.inputs`) and can be
+  rebuilt on others (`f.on(inputs)`), as models/trellisnet.py's layer: then it is applied to
+  cuts of them (`_Cut`), and the identity node hands g^T df/d(inputs) on by itself.
 - `phantom`: k damped steps z <- (1 - tau) z + tau f(z) from z* with grad; k=1, tau=1 is
   Jacobian-free backprop.
 - `unrolled`: autograd through plain fixed-point iterations from z0 (the reference; memory O(k)).
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from models.solvers import (
     Function,
@@ -176,20 +180,73 @@ class _AdjointSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (z_out,) = ctx.saved_tensors
-        z_in, deq, stats = ctx.z_in, ctx.deq, ctx.stats
-        if deq.empty_cache and _on_cuda(grad):
-            torch.cuda.empty_cache()
-
-        def adjoint(g: Tensor) -> Tensor:  # g -> J^T g + dL/dz
-            (vjp,) = torch.autograd.grad(z_out, z_in, g, retain_graph=True)
-            return vjp.add_(grad)
-
-        g, backward = solve(
-            adjoint, grad, solver=deq.b_solver, max_iter=deq.b_max_iter, tol=deq.b_tol,
-            stop_mode=deq.stop_mode, **deq.b_solver_options,
-        )
-        stats.record_backward(ctx.chunk, backward.nfe, backward)
+        g = _solve_adjoint(z_out, ctx.z_in, grad, ctx.deq, ctx.stats, ctx.chunk)
         return g, None, None, None, None
+
+
+class _AdjointSolveCut(torch.autograd.Function):
+    """_AdjointSolve for an f applied to cuts (`_Cut`) of the `inputs` it closes over.
+
+    That graph leads to z_in and the cuts only, and this node is not attached to it: the node
+    differentiates z_out with respect to the cuts (`edges`: the partial derivatives the outer
+    backward would have taken) and hands the gradients on to the inputs. Nothing computes
+    g^T df/dz_in."""
+
+    @staticmethod
+    def forward(ctx, graph: tuple[Tensor, Tensor, list[GradientEdge | None]], deq: DEQ,
+                stats: ModelStats, chunk: int, *inputs: Tensor) -> Tensor:
+        ctx.graph, ctx.deq, ctx.stats, ctx.chunk = graph, deq, stats, chunk
+        return graph[0].detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        z_out, z_in, edges = ctx.graph
+        g = _solve_adjoint(z_out, z_in, grad, ctx.deq, ctx.stats, ctx.chunk)
+        keep = _keep_graph()  # if not, free the graph on the way, as the outer backward would
+        wanted = [e for e in edges if e is not None]
+        found = iter(torch.autograd.grad(z_out, wanted, g, retain_graph=keep, allow_unused=True))
+        if not keep:
+            del ctx.graph
+        return None, None, None, None, *(None if e is None else next(found) for e in edges)
+
+
+class _Cut(torch.autograd.Function):
+    """x as a new graph input: a view whose node holds nothing and leads only to `anchor` (an
+    empty leaf), so a graph built on it ends there and keeps x's memory no longer than its own
+    nodes need it (a detached leaf would: its gradient accumulator holds it)."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None]:
+        return None, None  # never reached: gradients are taken at its edge
+
+
+def _solve_adjoint(z_out: Tensor, z_in: Tensor, grad: Tensor, deq: DEQ, stats: ModelStats,
+                   chunk: int) -> Tensor:
+    """g = J^T g + grad, with VJPs through the graph of z_out = f(z_in) (kept for later)."""
+    if deq.empty_cache and _on_cuda(grad):
+        torch.cuda.empty_cache()
+
+    def adjoint(g: Tensor) -> Tensor:  # g -> J^T g + dL/dz
+        (vjp,) = torch.autograd.grad(z_out, z_in, g, retain_graph=True)
+        return vjp.add_(grad)
+
+    g, backward = solve(
+        adjoint, grad, solver=deq.b_solver, max_iter=deq.b_max_iter, tol=deq.b_tol,
+        stop_mode=deq.stop_mode, **deq.b_solver_options,
+    )
+    stats.record_backward(chunk, backward.nfe, backward)
+    return g
+
+
+def _keep_graph() -> bool:
+    """Whether the running backward keeps its graph (retain_graph=True); True where this torch
+    cannot say (the query is private; AOTAutograd asks it the same way)."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def _on_cuda(t: Tensor) -> bool:
@@ -198,12 +255,22 @@ def _on_cuda(t: Tensor) -> bool:
 
 def _implicit(deq: DEQ, f: Function, z_star: Tensor, stats: ModelStats) -> tuple[Tensor, ModelStats]:
     z_in = z_star.detach().requires_grad_()
+    chunk = len(stats.chunk_nfe_forward) - 1  # the solve just recorded
+    inputs = tuple(getattr(f, "inputs", ()))
+    if any(t.requires_grad for t in inputs):
+        # cut, so that the graph holds partial derivatives only: an input may depend on another
+        # (a chunk's history on the weights, through the previous chunk's solve)
+        anchor = z_in.new_empty(0).requires_grad_()
+        cut = tuple(_Cut.apply(anchor, t.detach()) if t.requires_grad else t for t in inputs)
+        z_out = f.on(cut)(z_in)  # the one application whose graph backward uses
+        edges = [get_gradient_edge(c) if t.requires_grad else None
+                 for c, t in zip(cut, inputs, strict=True)]
+        return _AdjointSolveCut.apply((z_out, z_in, edges), deq, stats, chunk, *inputs), stats
     z_out = f(z_in)  # the one application whose graph backward uses
     if not z_out.requires_grad:
         return z_out, stats
     # The outer backward also accumulates a gradient into this helper leaf; drop it at once.
     z_in.register_post_accumulate_grad_hook(_drop_grad)
-    chunk = len(stats.chunk_nfe_forward) - 1  # the solve just recorded
     return _AdjointSolve.apply(z_out, z_in, deq, stats, chunk), stats
 
 

@@ -199,7 +199,11 @@ class TrellisNetCell(nn.Module):
 class Prepared:
     """One forward's layer: callable on the whole sequence's z (B, 2H, T); `span(start, stop,
     history)` is the same layer on positions [start, stop) with the causal history (B, 2H, 1)
-    at start - 1 (a chunk of the solve). The injection, weights and mask are shared by all."""
+    at start - 1 (a chunk of the solve). The injection, weights and mask are shared by all.
+
+    `inputs` are the tensors it closes over that may carry a gradient (the mask never does), and
+    `on(inputs)` the same layer on others: the DEQ's implicit backward applies it once to cuts of
+    them, so that the step never differentiates the layer with respect to z* (models/deq.py)."""
 
     def __init__(self, u: Tensor, w_rec: Tensor, mask: Tensor | None, history: Tensor, H: int) -> None:
         self.u, self.w_rec, self.mask, self.history, self.H = u, w_rec, mask, history, H
@@ -208,8 +212,16 @@ class Prepared:
     def __call__(self, z: Tensor) -> Tensor:
         return self._whole(z)
 
-    def span(self, start: int, stop: int, history: Tensor) -> Step:
-        return _layer(self.u[:, :, start:stop], self.w_rec, self.mask, history, self.H)
+    @property
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.u, self.w_rec, self.history
+
+    def on(self, inputs: tuple[Tensor, Tensor, Tensor]) -> Prepared:
+        u, w_rec, history = inputs
+        return Prepared(u, w_rec, self.mask, history, self.H)
+
+    def span(self, start: int, stop: int, history: Tensor) -> Prepared:
+        return Prepared(self.u[:, :, start:stop], self.w_rec, self.mask, history, self.H)
 
 
 def _layer(u: Tensor, w_rec: Tensor, mask: Tensor | None, history: Tensor, H: int) -> Step:

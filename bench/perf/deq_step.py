@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -94,6 +95,7 @@ class StepFloor:
     floor: list[float]
     parts: dict[str, list[float]]
     ops: tuple[int, int] = (0, 0)  # aten ops (views included) of one step, and of its floor
+    beyond: dict[str, int] = field(default_factory=dict)  # op -> its count in the step minus the floor's
 
     @property
     def ratio(self) -> list[float]:
@@ -144,11 +146,13 @@ def measure(model_name: str, size: str, batch: int, seq_len: int, repeats: int,
 
     with OpCount() as step_ops:
         step()
-    floor_ops = 0
+    floor_ops: Counter[str] = Counter()
     for run, times in ((lambda: step(known), 1), (lambda: f(z_star), nfe_f), (vjps, 1)):
         with OpCount() as count, torch.no_grad() if times == nfe_f else contextlib.nullcontext():
             run()
-        floor_ops += count.total * times
+        floor_ops.update({op: n * times for op, n in count.ops.items()})
+    beyond = {op: step_ops.ops[op] - floor_ops[op] for op in step_ops.ops | floor_ops
+              if step_ops.ops[op] != floor_ops[op]}
     seen: list[tuple[int, int]] = []
 
     def full() -> None:
@@ -161,7 +165,8 @@ def measure(model_name: str, size: str, batch: int, seq_len: int, repeats: int,
         raise RuntimeError(f"NFE changed between rounds: {sorted(set(seen))}")
     floor = [a + b + c for a, b, c in zip(t["outer"], t["f"], t["vjp"], strict=True)]
     return StepFloor(f"{model_name}/{size}/B{batch}/T{seq_len}", nfe_f, nfe_b, t["step"], floor,
-                     {"outer": t["outer"], "f": t["f"], "vjp": t["vjp"]}, (step_ops.total, floor_ops))
+                     {"outer": t["outer"], "f": t["f"], "vjp": t["vjp"]},
+                     (step_ops.total, floor_ops.total()), beyond)
 
 
 def report(result: StepFloor, goal: float) -> None:
@@ -175,6 +180,9 @@ def report(result: StepFloor, goal: float) -> None:
     print(f"  aten ops (views included; deterministic): step {step_ops}, floor {floor_ops}: "
           f"{(step_ops - floor_ops) / (result.nfe_forward + result.nfe_backward):.1f} beyond the floor "
           f"per solver iteration")
+    # whose ops: the solvers' own (bmm, baddbmm, norms, ...) or f's / its backward's (the model, the glue)
+    top = sorted(result.beyond.items(), key=lambda item: (-abs(item[1]), item[0]))[:8]
+    print("    beyond the floor, by op: " + ", ".join(f"{op.removeprefix('aten.')} {n:+d}" for op, n in top))
     verdict = "met" if med <= goal else "not met"
     print(f"  step / floor {spread(result.ratio)}x  (goal <= {goal}x: {verdict})")
 

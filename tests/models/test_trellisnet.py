@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import build_model
-from models.trellisnet import TrellisNetMemory
+from models.trellisnet import Prepared, TrellisNetMemory
 from tests.helpers import trellisnet_batch
 
 
@@ -147,6 +147,36 @@ def test_layer_does_only_per_iteration_work():
     assert mode.ops.count("convolution") == 1
     assert mode.ops.count("cat") == 3  # h_{t-1} window, c_{t-1} shift, the new [h; c]
     assert not {"linalg_vector_norm", "bernoulli", "bernoulli_", "clone", "copy_", "contiguous"} & set(mode.ops)
+
+
+def _step(subseq_len: int | None) -> tuple[list, list, tuple[int, int], list[str]]:
+    """Gradients after one backward (retaining the graph) and after a second, NFE, backward ops."""
+    torch.manual_seed(0)
+    model = build_model("deq-trellisnet", mode="core", dropouth=0.3, subseq_len=subseq_len).train()
+    x = torch.randn(2, 16, model.config.d_model, requires_grad=True)
+    out, stats = model(x)
+    with _Ops() as mode:
+        out.square().sum().backward(retain_graph=True)
+    leaves = [*model.parameters(), x]
+    once = [t.grad.clone() for t in leaves]
+    out.square().sum().backward()
+    return once, [t.grad for t in leaves], (stats.nfe_forward, stats.nfe_backward), mode.ops
+
+
+@pytest.mark.parametrize("subseq_len", [None, 6])
+def test_implicit_backward_never_differentiates_with_respect_to_z(monkeypatch, subseq_len):
+    """The layer names what it closes over (`inputs`), so the DEQ's one differentiable application
+    ends at cuts of those and the backward takes no gradient into z* (about one VJP a solve): the
+    z path's cat and slice backward go. Gradients (twice, on a retained graph) and NFE: exact."""
+    once, twice, nfe, ops = _step(subseq_len)
+    monkeypatch.setattr(Prepared, "inputs", property(lambda self: ()))  # the generic path
+    plain_once, plain_twice, plain_nfe, plain_ops = _step(subseq_len)
+    assert nfe == plain_nfe
+    for got, ref in zip(once + twice, plain_once + plain_twice, strict=True):
+        assert torch.equal(got, ref)
+    chunks = 1 if subseq_len is None else 3
+    assert ops.count("slice_backward") == plain_ops.count("slice_backward") - chunks
+    assert ops.count("cat") == plain_ops.count("cat") - chunks
 
 
 def _nonembedding(d: int, h: int) -> int:

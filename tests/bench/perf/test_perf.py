@@ -31,6 +31,7 @@ def test_deq_step_floor_is_measured_from_the_step_itself():
     assert len(result.step) == len(result.floor) == 2 and all(r > 0 for r in result.ratio)
     step_ops, floor_ops = result.ops
     assert step_ops > floor_ops > 0  # the solvers' own ops, beyond f, its VJPs and the rest
+    assert sum(result.beyond.values()) == step_ops - floor_ops and result.beyond["aten.bmm"] > 0
     parts = result.parts
     for i in range(2):
         assert result.floor[i] == pytest.approx(parts["outer"][i] + parts["f"][i] + parts["vjp"][i])
