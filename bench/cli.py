@@ -210,10 +210,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench import report
+    from bench import plots, report
 
     run_dir = check_run_dir(args.run_dir)
-    with report.plots.FigurePool.start() as pool:
+    with plots.FigurePool.start() as pool:  # drawing only if the figures are stale
         path = report.write_report(run_dir, formats=figure_formats(args) if args.svg else None, pool=pool)
     print(f"wrote {path}")
     return EXIT_OK

@@ -94,11 +94,11 @@ class FigurePool:
         done: dict[str, Drawn] = {}
         error: OSError | None = None
         try:
-            while (i := self._claim()) < len(names):
+            while (i := _claim(self._counter)) < len(names):
                 done[names[i]] = draw_one(names[i])
         except OSError as err:
             error = err
-            self._claim_all(len(names))
+            _claim(self._counter, everything=len(names))
         for conn in busy:
             answer = _receive(conn)
             if isinstance(answer, tuple) and answer and answer[0] == "oserror":
@@ -109,16 +109,6 @@ class FigurePool:
             raise error
         # whatever a helper claimed but never returned (it died): drawn here, in order
         return [done[name] if name in done else draw_one(name) for name in names]
-
-    def _claim(self) -> int:
-        with self._counter.get_lock():
-            i = self._counter.value
-            self._counter.value = i + 1
-        return i
-
-    def _claim_all(self, n: int) -> None:
-        with self._counter.get_lock():
-            self._counter.value = max(self._counter.value, n)
 
     def close(self, wait: bool = True) -> None:
         """End the helpers: idle ones exit at once, a stuck one is killed; wait=False (or a
@@ -140,6 +130,15 @@ class FigurePool:
 
     def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         self.close(wait=kind is None)
+
+
+def _claim(counter: Any, everything: int | None = None) -> int:
+    """The index of the next figure to draw (shared by every drawer); `everything`: claim all
+    of that many, so that the other drawers stop after their current figure."""
+    with counter.get_lock():
+        i = counter.value
+        counter.value = i + 1 if everything is None else max(i, everything)
+    return i
 
 
 def _receive(conn: Connection) -> Any:
@@ -173,17 +172,11 @@ def _serve(conn: Connection, counter: Any) -> None:
         drawn: list[Drawn] = []
         try:
             run = RunView.load(run_dir)
-            while True:
-                with counter.get_lock():
-                    i = counter.value
-                    counter.value = i + 1
-                if i >= len(names):
-                    break
+            while (i := _claim(counter)) < len(names):
                 drawn.append(draw_figure(run, names[i], Path(run_dir), tuple(formats)))
             answer: Any = drawn
         except OSError as err:
-            with counter.get_lock():
-                counter.value = max(counter.value, len(names))
+            _claim(counter, everything=len(names))
             answer = ("oserror", err.errno, err.strerror, err.filename)
         except Exception:  # the caller draws what this helper did not return
             answer = drawn
