@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -48,6 +49,10 @@ class FigurePool:
         self._helpers = helpers
         self._counter = counter  # the next figure to claim, shared by every drawer
         self._used = False  # never asked to draw: close() kills the helpers (maybe still importing)
+        # The caller draws too: matplotlib (~0.4 s) is imported meanwhile, in a thread that
+        # waits on imports, not on the caller (whose main thread waits on its workers).
+        self._warm = threading.Thread(target=_import_pyplot, name="deqbench-figures-import", daemon=True)
+        self._warm.start()
 
     @classmethod
     def start(cls, helpers: int | None = None) -> FigurePool:
@@ -83,6 +88,7 @@ class FigurePool:
         drawer); returns what each figure became, in the order of `names`. An OSError from any
         drawer (a full disk) is raised here, after every drawer has stopped."""
         self._used = True
+        self._warm.join()
         with self._counter.get_lock():
             self._counter.value = 0
         job = (str(run_dir), list(names), list(formats))
@@ -132,6 +138,12 @@ class FigurePool:
         self.close(wait=kind is None)
 
 
+def _import_pyplot() -> None:
+    from bench.plots.style import pyplot
+
+    pyplot()
+
+
 def _claim(counter: Any, everything: int | None = None) -> int:
     """The index of the next figure to draw (shared by every drawer); `everything`: claim all
     of that many, so that the other drawers stop after their current figure."""
@@ -158,9 +170,8 @@ def _serve(conn: Connection, counter: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the caller's: it closes the pool
     from bench.analysis import RunView
     from bench.plots.draw import draw_figure
-    from bench.plots.style import pyplot
 
-    pyplot()
+    _import_pyplot()
     while True:
         try:
             job = conn.recv()
