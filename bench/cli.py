@@ -213,7 +213,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bench import plots, report
 
     run_dir = check_run_dir(args.run_dir)
-    with plots.FigurePool.start() as pool:  # drawing only if the figures are stale
+    stale = args.svg or plots.load_index(run_dir) is None  # current figures are reused, not drawn
+    with plots.FigurePool.start(None if stale else 0) as pool:
         path = report.write_report(run_dir, formats=figure_formats(args) if args.svg else None, pool=pool)
     print(f"wrote {path}")
     return EXIT_OK

@@ -4,6 +4,8 @@ process draws; a helper that dies costs nothing but time; a full disk is still o
 import errno
 import multiprocessing as mp
 import os
+import signal
+import time
 
 import matplotlib.image
 import numpy as np
@@ -58,21 +60,29 @@ def test_what_a_dead_helper_claimed_is_drawn_by_the_caller(tmp_path):
     assert "paper's protocol" in figures.skipped["paper_pairs"]
 
 
-def test_a_full_disk_in_a_helper_is_the_callers_oserror(tmp_path, monkeypatch):
-    """The helper's OSError crosses the pipe; the caller stops claiming and raises it once
-    every drawer has stopped (the caller's own drawing is made to fail too: whichever drawer
-    meets the full disk, the run gets one OSError)."""
+def test_a_full_disk_in_a_helper_is_the_callers_oserror(tmp_path):
+    """The helper meets the full disk (the caller holds the first figure until the helper has
+    claimed the second, the unwritable one): its OSError crosses the pipe and is raised here,
+    once every drawer has stopped."""
     run_dir = copy_run("quick", tmp_path / "run")
     (run_dir / "figures").mkdir()
-    (run_dir / "figures" / "memory_vs_seq_len.png").mkdir()  # savefig cannot write there
-    with FigurePool.start(helpers=1) as pool, pytest.raises(OSError) as raised:
-        plots.plot_run(run_dir, only=["memory_vs_seq_len", "reduction"], pool=pool)
-    assert raised.value.errno == errno.EISDIR and "memory_vs_seq_len.png" in str(raised.value)
+    (run_dir / "figures" / "reduction.png").mkdir()  # savefig cannot write there
+    names = ["memory_vs_seq_len", "reduction"]
+    with FigurePool.start(helpers=1) as pool:
+        def caller(name):  # never meets the disk: it waits for the helper's claim, draws nothing
+            deadline = time.monotonic() + 60
+            while pool._counter.value < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return name, [], "", [], "held by the test"
+
+        with pytest.raises(OSError) as raised:
+            pool.draw(run_dir, names, ("png",), caller)
+    assert raised.value.errno == errno.EISDIR and "reduction.png" in str(raised.value)
 
 
 def test_an_unused_pool_ends_at_once():
     pool = FigurePool.start(helpers=1)
     processes = [p for p, _ in pool._helpers]
     pool.close()  # never asked to draw: killed, not waited for while it imports matplotlib
-    assert not any(p.is_alive() for p in processes)
+    assert [p.exitcode for p in processes] == [-signal.SIGKILL]
     assert FigurePool.start(helpers=0).size == 0
